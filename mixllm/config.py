@@ -1,0 +1,136 @@
+"""Configuration of a mixllm model: which language model, and per modality an encoder, a projector
+and a placeholder token. Every field is JSON-serialisable so a checkpoint's ``config.json`` is the
+config itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from mixllm.projector import PROJECTOR_TYPES
+
+MODALITIES = ("image", "item", "user")
+
+
+@dataclass
+class ImageConfig:
+    """The image modality: a vision tower, LLaVA-1.5 feature selection, a projector."""
+
+    encoder: str = "efficientnet-lite0"
+    """"efficientnet-lite0" (pure torch, packaged weights) or "hf" (a transformers vision model)."""
+    path: str | None = None
+    """Weights: for efficientnet-lite0 a .pth file (None = the packaged asset); for "hf" a local
+    directory of a CLIP/SigLIP (or any vision) model, or a llava-hf checkpoint directory."""
+    vision_feature_layer: int | list[int] = -2
+    """Hidden-state layer(s) the features come from ("hf" only); a list concatenates layers."""
+    vision_feature_select_strategy: str | None = None
+    """"default" drops the CLS token, "full" keeps every token; None = "full" for towers without
+    a CLS token (SigLIP), else "default"."""
+    image_size: int = 224
+    """Input resolution fed to the tower (efficientnet-lite0: 224 gives a 7x7 grid)."""
+    freeze_encoder: bool = True
+    """Keep the vision tower's weights fixed (LLaVA stage 1)."""
+    projector: str = "mlp2x_gelu"
+    """Projector type: "linear" or "mlp2x_gelu"."""
+    projector_bias: bool = True
+    """Bias terms in the projector's linear layers."""
+    token: str = "<image>"
+    """Placeholder token the processor expands to one copy per feature vector."""
+
+
+@dataclass
+class ItemConfig:
+    """The item modality: per-item vectors (text embedding and/or learned id) -> k tokens."""
+
+    feature_dim: int = 384
+    """Width of a precomputed per-item feature vector (MiniLM: 384; SASRec: its hidden size);
+    0 = no precomputed features."""
+    num_items: int = 0
+    """Size of the learned id-embedding table; 0 = no id embedding."""
+    id_dim: int = 64
+    """Width of the learned id embedding (used when num_items > 0)."""
+    tokens_per_item: int = 1
+    """k: tokens each item becomes in the prompt."""
+    projector: str = "mlp2x_gelu"
+    """Projector type: "linear" or "mlp2x_gelu"."""
+    token: str = "<item>"
+    """Placeholder token, one per item before expansion."""
+
+
+@dataclass
+class UserConfig:
+    """The user modality (User-LLM): a history of item vectors -> m summary tokens."""
+
+    item_dim: int = 384
+    """Width of each history item vector."""
+    num_tokens: int = 4
+    """m: summary tokens per user."""
+    hidden_dim: int = 128
+    """Width of the history transformer and the summary tokens."""
+    num_layers: int = 1
+    """Self-attention layers over the history before the summary cross-attention."""
+    num_heads: int = 4
+    """Attention heads in the history encoder."""
+    max_history: int = 50
+    """Longest history (positions) the encoder accepts."""
+    projector: str = "mlp2x_gelu"
+    """Projector type: "linear" or "mlp2x_gelu"."""
+    token: str = "<user>"
+    """Placeholder token, one per user before expansion."""
+
+
+@dataclass
+class MixLLMConfig:
+    """A language model plus the modalities fused into it."""
+
+    language_model: str = "smollm2-135m-instruct"
+    """Base LLM: a packaged asset name or a local transformers directory. Referenced, never copied
+    into a mixllm checkpoint."""
+    language_model_source: str = "pretrained"
+    """"pretrained" (a causal-LM directory) or "llava" (the language model inside a llava-hf
+    checkpoint directory)."""
+    freeze_language_model: bool = True
+    """Keep the LLM's weights fixed; only encoders and projectors train."""
+    image: ImageConfig | None = None
+    """Image modality, or None."""
+    item: ItemConfig | None = None
+    """Item modality, or None."""
+    user: UserConfig | None = None
+    """User modality, or None."""
+    token_ids: dict[str, int] = field(default_factory=dict)
+    """Placeholder token id per modality, filled in when the processor registers the tokens."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("image", ImageConfig), ("item", ItemConfig), ("user", UserConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+        if self.language_model_source not in ("pretrained", "llava"):
+            raise ValueError(f"language_model_source must be 'pretrained' or 'llava', got {self.language_model_source!r}")
+        for name in self.modalities:
+            kind = getattr(self, name).projector
+            if kind not in PROJECTOR_TYPES:
+                raise ValueError(f"{name}.projector {kind!r} is not one of {PROJECTOR_TYPES}")
+        if self.image is not None and self.image.encoder not in ("efficientnet-lite0", "hf"):
+            raise ValueError(f"image.encoder must be 'efficientnet-lite0' or 'hf', got {self.image.encoder!r}")
+        if self.item is not None:
+            if self.item.tokens_per_item < 1:
+                raise ValueError(f"item.tokens_per_item must be >= 1, got {self.item.tokens_per_item}")
+            if self.item.feature_dim <= 0 and self.item.num_items <= 0:
+                raise ValueError("item modality needs feature_dim > 0 or num_items > 0 (or both)")
+        if self.user is not None and (self.user.num_tokens < 1 or self.user.max_history < 1):
+            raise ValueError(f"user.num_tokens and user.max_history must be >= 1, got {self.user}")
+
+    @property
+    def modalities(self) -> list[str]:
+        """The configured modalities, in the fixed order image, item, user."""
+        return [name for name in MODALITIES if getattr(self, name) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MixLLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

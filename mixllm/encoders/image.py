@@ -1,0 +1,84 @@
+"""Image encoder: a vision tower plus LLaVA-1.5 feature selection -> (N, tokens, dim)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixllm.config import ImageConfig
+
+
+class ImageEncoder(nn.Module):
+    """EfficientNet-Lite0 (the 7x7x1280 grid flattened to 49 tokens) or any transformers vision
+    model (hidden states of ``vision_feature_layer``, CLS dropped under the "default" strategy)."""
+
+    def __init__(self, config: ImageConfig, tower: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        if config.encoder == "efficientnet-lite0":
+            from mixllm.encoders.efficientnet_lite import efficientnet_lite0
+
+            self.tower = tower if tower is not None else efficientnet_lite0(weights=config.path or "default")
+            self.output_dim = self.tower.num_features
+            grid = config.image_size // 32
+            self.num_tokens = grid * grid
+            self.strategy = "full"
+        else:
+            self.tower = tower if tower is not None else load_hf_vision_tower(config.path)
+            vcfg = self.tower.config
+            layers = config.vision_feature_layer
+            n_layers = 1 if isinstance(layers, int) else len(layers)
+            self.output_dim = vcfg.hidden_size * n_layers
+            has_cls = not vcfg.model_type.startswith("siglip")
+            self.strategy = config.vision_feature_select_strategy or ("default" if has_cls else "full")
+            patches = (vcfg.image_size // vcfg.patch_size) ** 2
+            self.num_tokens = patches + (1 if has_cls and self.strategy == "full" else 0)
+        if config.freeze_encoder:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.tower.eval()  # frozen towers keep BatchNorm/dropout in inference mode
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (N, 3, H, W) -> (N, num_tokens, output_dim)."""
+        dtype = next(self.tower.parameters()).dtype
+        pixel_values = pixel_values.to(dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            if self.config.encoder == "efficientnet-lite0":
+                grid = self.tower.forward_features(pixel_values)  # (N, 1280, h, w)
+                return grid.flatten(2).transpose(1, 2)  # (N, h*w, 1280)
+            out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+            layers = self.config.vision_feature_layer
+            if isinstance(layers, int):
+                selected = out.hidden_states[layers]  # (N, 1 + P, D)
+                if self.strategy == "default":
+                    selected = selected[:, 1:]
+            else:
+                pool = [out.hidden_states[i] for i in layers]
+                if self.strategy == "default":
+                    pool = [h[:, 1:] for h in pool]
+                selected = torch.cat(pool, dim=-1)  # (N, P, D * len(layers))
+            return selected
+
+
+def load_hf_vision_tower(path: str | Path | None) -> nn.Module:
+    """A transformers vision model from a local directory: a vision-only model (CLIPVisionModel,
+    SiglipVisionModel, ...) or a dual model (CLIPModel, SiglipModel), of which the vision half."""
+    from transformers import AutoConfig, AutoModel
+
+    if path is None or not Path(path).is_dir():
+        raise ValueError(f"image.path must be a local directory of a transformers vision model, got {path!r}")
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "vision_config") and config.model_type not in ("llava",):
+        # A dual-encoder directory: load only the vision half, as its own model class.
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        cls = SiglipVisionModel if config.model_type.startswith("siglip") else CLIPVisionModel
+        return cls.from_pretrained(path)
+    return AutoModel.from_pretrained(path)
