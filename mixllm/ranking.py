@@ -1,0 +1,547 @@
+"""Ranking core: score every candidate of a request in one forward of the language model.
+
+A request is one user's history and C candidate items. The sequence is laid out as
+
+    prefix (instruction + history) | cand_1 | cand_2 | ... | cand_C | padding
+
+and a 4D additive block mask lets each candidate segment attend to the prefix and to itself only
+(causally inside the prefix and inside each segment). Every segment's position ids continue from
+the prefix length P, so each candidate is read exactly as if it were the only one after the prefix:
+a request costs ``P + sum(segment lengths)`` tokens instead of ``C * (P + segment length)``, and
+the scores do not depend on the candidates' order.
+
+Two ways to read the items, one template:
+
+* **teacher** (``mode="teacher"``): every history item and candidate is its text
+  (:attr:`RankingTemplate.text_item`, about 16 SmolLM2 tokens per MovieLens item);
+* **student** (``mode="student"``): every item is the ``<item>`` placeholder, which the processor
+  expands to ``tokens_per_item`` copies and the model fills with the item encoder + projector's
+  output (one token per item by default). A placeholder is its own delimiter, so the student
+  writes no separator around it.
+
+Typical use::
+
+    ranker = MixLLMRanker(model, processor, ItemCatalog(features=item_vectors), mode="student")
+    scores = ranker.score([RankingRequest(history=[3, 17, 5], candidates=[8, 2, 40])])  # [(3,)]
+
+    inputs = ranker.prepare(requests)      # batch of requests -> RankingInputs
+    scores = ranker(inputs)                # (B, C_max); inputs.candidate_mask marks real ones
+
+Requests in a batch may have different histories and candidate counts: rows are right-padded to
+the longest request, padded positions are masked out (they attend only to themselves), padded
+candidate slots score 0 and are False in ``candidate_mask``.
+
+Memory note: the mask is (B, 1, T, T) in the model's dtype, and eager attention materialises
+(B, heads, T, T) weights per layer; a teacher request with H=10 and C=100 MovieLens items is
+T ~ 1,900 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mixllm.errors import DataError
+from mixllm.modeling import MixLLMForCausalLM
+
+logger = logging.getLogger(__name__)
+
+RANKER_CONFIG_NAME = "ranker_config.json"
+RANKER_HEAD_NAME = "ranker_head.safetensors"
+MODES = ("teacher", "student")
+SCORINGS = ("head", "answer_token")
+
+
+# --- prompts -------------------------------------------------------------------------------------
+@dataclass
+class RankingTemplate:
+    """How a request becomes text. The teacher and the student share it; only items differ.
+
+    With the defaults and MovieLens items (~16 SmolLM2 tokens each) the prefix is ~10 tokens plus
+    the history, and a candidate segment is the item alone: 1 token for the student, ~17 for the
+    teacher.
+    """
+
+    prefix: str = "A user's history, oldest first:{history}\nNext item:"
+    """The shared prefix; ``{history}`` (exactly once) becomes the rendered history items."""
+    segment: str = "{item}"
+    """One candidate segment; ``{item}`` (exactly once) becomes the rendered candidate. Add a
+    question here (e.g. ``"{item}\\nWould the user like it? Answer:"``) for answer-token scoring;
+    every extra token is paid once per candidate."""
+    text_item: str = "\n{text}"
+    """How the teacher writes one item (history or candidate); ``{text}`` is the item text. The
+    student writes the bare placeholder instead."""
+
+    def __post_init__(self) -> None:
+        for name, slot in (("prefix", "{history}"), ("segment", "{item}"), ("text_item", "{text}")):
+            if getattr(self, name).count(slot) != 1:
+                raise ValueError(f"RankingTemplate.{name} must contain {slot} exactly once, got {getattr(self, name)!r}")
+
+    def render(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[str, list[str]]:
+        """Rendered items (text or placeholders) -> (prefix text, one text per candidate)."""
+        prefix = self.prefix.replace("{history}", "".join(history))
+        return prefix, [self.segment.replace("{item}", c) for c in candidates]
+
+
+@dataclass
+class RankingPrompt:
+    """One request, tokenized: what a forward needs, before batching."""
+
+    prefix_ids: list[int]
+    """Prefix token ids, placeholders already expanded (P ids)."""
+    segment_ids: list[list[int]]
+    """One list of token ids per candidate, placeholders expanded."""
+    item_features: torch.Tensor | None = None
+    """(H + C, F) one row per item placeholder in order: history items, then candidates (student)."""
+    item_ids: torch.Tensor | None = None
+    """(H + C,) item ids for the id embedding, same order (student)."""
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.prefix_ids)
+
+    @property
+    def segment_lens(self) -> list[int]:
+        return [len(s) for s in self.segment_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        """What the request costs: prefix + sum of candidate segments."""
+        return self.prefix_len + sum(self.segment_lens)
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The request's sequence: prefix then every segment."""
+        return [t for part in (self.prefix_ids, *self.segment_ids) for t in part]
+
+
+class RankingPromptBuilder:
+    """Renders requests with a :class:`RankingTemplate` and tokenizes them with the processor.
+
+    The processor does the tokenizing, the ``<item>`` expansion (each placeholder -> its
+    ``tokens_per_item`` copies) and the placeholder/feature count checks, with the prefix and each
+    segment as separate rows, so items are gathered in placeholder order (history, then candidates).
+    """
+
+    def __init__(self, processor, template: RankingTemplate | None = None):
+        self.processor = processor
+        self.template = template or RankingTemplate()
+
+    def teacher(self, history_texts: Sequence[str], candidate_texts: Sequence[str]) -> RankingPrompt:
+        """Items as text."""
+        if not candidate_texts:
+            raise DataError("candidates: the candidate list is empty")
+        render = self.template.text_item.replace
+        prefix, segments = self.template.render(
+            [render("{text}", t) for t in history_texts], [render("{text}", t) for t in candidate_texts]
+        )
+        return self._tokenize(prefix, segments)
+
+    def student(
+        self,
+        history_features: torch.Tensor | None = None,
+        candidate_features: torch.Tensor | None = None,
+        history_ids: Sequence[int] | torch.Tensor | None = None,
+        candidate_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> RankingPrompt:
+        """Items as placeholders; give features (rows) and/or ids per item, as the item encoder needs.
+
+        Raises:
+            DataError: no candidates, or features and ids disagree on how many items there are.
+        """
+        n_history = _count_items("history", history_features, history_ids)
+        n_candidates = _count_items("candidates", candidate_features, candidate_ids)
+        if n_candidates == 0:
+            raise DataError("candidates: the candidate list is empty")
+        token = self.processor.token("item")
+        prefix, segments = self.template.render([token] * n_history, [token] * n_candidates)
+        features = _concat_rows("features", history_features, candidate_features, n_history, n_candidates)
+        ids = _concat_rows("ids", history_ids, candidate_ids, n_history, n_candidates)
+        return self._tokenize(prefix, segments, features, ids)
+
+    def _tokenize(self, prefix: str, segments: list[str], item_features=None, item_ids=None) -> RankingPrompt:
+        batch = self.processor([prefix, *segments], item_features=item_features, item_ids=item_ids, padding_side="right")
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        empty = [i for i, row in enumerate(rows[1:]) if not row]
+        if empty:
+            raise DataError(f"candidates: segment(s) {empty} tokenize to nothing; check RankingTemplate.segment")
+        return RankingPrompt(rows[0], rows[1:], batch.get("item_features"), batch.get("item_ids"))
+
+
+def _count_items(side: str, features, ids) -> int:
+    if features is None and ids is None:
+        if side == "history":
+            return 0
+        raise DataError("candidates: give candidate features and/or ids")
+    n_feat = None if features is None else int(torch.as_tensor(features).shape[0])
+    n_ids = None if ids is None else len(ids)
+    if n_feat is not None and n_ids is not None and n_feat != n_ids:
+        raise DataError(f"{side}: {n_feat} feature row(s) but {n_ids} id(s); give one of each per item")
+    return n_feat if n_feat is not None else n_ids
+
+
+def _concat_rows(what: str, history, candidates, n_history: int, n_candidates: int) -> torch.Tensor | None:
+    if candidates is None and history is None:
+        return None
+    if candidates is None or (history is None and n_history > 0):
+        raise DataError(f"item {what} given for only one of history and candidates; give them for both or neither")
+    dtype = torch.long if what == "ids" else torch.float32
+    parts = [torch.as_tensor(history, dtype=dtype)] if history is not None and n_history > 0 else []
+    return torch.cat([*parts, torch.as_tensor(candidates, dtype=dtype)])
+
+
+# --- block attention -----------------------------------------------------------------------------
+def _segment_index(prefix_len: int, segment_lens: Sequence[int], total_len: int) -> torch.Tensor:
+    """(T,) 0 on the prefix, i + 1 on candidate i's segment, -1 on padding."""
+    used = prefix_len + sum(segment_lens)
+    if total_len < used:
+        raise ValueError(f"total_len {total_len} is shorter than prefix + segments ({used})")
+    parts = [torch.zeros(prefix_len, dtype=torch.long)]
+    parts += [torch.full((n,), i + 1, dtype=torch.long) for i, n in enumerate(segment_lens)]
+    parts.append(torch.full((total_len - used,), -1, dtype=torch.long))
+    return torch.cat(parts)
+
+
+def build_block_mask(
+    prefix_len: int, segment_lens: Sequence[int], dtype: torch.dtype = torch.float32, total_len: int | None = None
+) -> torch.Tensor:
+    """The additive attention mask of one request: (1, 1, T, T), 0 where allowed, dtype's min elsewhere.
+
+    Query token q may attend to key k iff k <= q and k lies in the prefix or in q's own segment.
+    Padding (positions past ``prefix_len + sum(segment_lens)``, up to ``total_len``) attends to
+    itself only, so no row is fully masked (a fully masked softmax row is NaN in some kernels).
+    """
+    total_len = prefix_len + sum(segment_lens) if total_len is None else total_len
+    seg = _segment_index(prefix_len, segment_lens, total_len)  # (T,)
+    pos = torch.arange(total_len)
+    q, k = seg[:, None], seg[None, :]  # (T, 1), (1, T)
+    allowed = (pos[:, None] >= pos[None, :]) & ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)  # (T, T)
+    allowed |= torch.eye(total_len, dtype=torch.bool)
+    mask = torch.zeros(total_len, total_len, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]  # (1, 1, T, T)
+
+
+def block_position_ids(prefix_len: int, segment_lens: Sequence[int], total_len: int | None = None) -> torch.Tensor:
+    """(1, T) positions: 0..P-1 on the prefix, P..P+S_i-1 on every segment i, 0 on padding."""
+    total_len = prefix_len + sum(segment_lens) if total_len is None else total_len
+    parts = [torch.arange(prefix_len)] + [torch.arange(prefix_len, prefix_len + n) for n in segment_lens]
+    used = prefix_len + sum(segment_lens)
+    parts.append(torch.zeros(total_len - used, dtype=torch.long))
+    return torch.cat(parts)[None]  # (1, T)
+
+
+def segment_last_index(prefix_len: int, segment_lens: Sequence[int]) -> torch.Tensor:
+    """(C,) index of each segment's last token, where its score is read."""
+    return prefix_len + torch.as_tensor(list(segment_lens), dtype=torch.long).cumsum(0) - 1
+
+
+@dataclass
+class RankingInputs:
+    """A padded batch of requests, ready for :meth:`MixLLMRanker.forward`."""
+
+    input_ids: torch.Tensor
+    """(B, T) token ids, right-padded with the pad id."""
+    attention_mask: torch.Tensor
+    """(B, 1, T, T) additive block mask in the model's dtype."""
+    position_ids: torch.Tensor
+    """(B, T) block position ids."""
+    score_index: torch.Tensor
+    """(B, C_max) index of each candidate's last token (0 on padded candidate slots)."""
+    candidate_mask: torch.Tensor
+    """(B, C_max) bool, True on real candidates."""
+    item_features: torch.Tensor | None = None
+    """(N, F) item features in placeholder order across the batch (student)."""
+    item_ids: torch.Tensor | None = None
+    """(N,) item ids in the same order (student)."""
+    num_tokens: list[int] = field(default_factory=list)
+    """Tokens each request costs (prefix + segments), before padding."""
+
+    def to(self, device: torch.device | str) -> RankingInputs:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return RankingInputs(**moved)
+
+
+def collate_prompts(prompts: Sequence[RankingPrompt], pad_token_id: int, dtype: torch.dtype = torch.float32) -> RankingInputs:
+    """Right-pad requests to the longest one and stack their block masks and positions."""
+    if not prompts:
+        raise DataError("requests: the batch is empty")
+    total = max(p.num_tokens for p in prompts)
+    c_max = max(len(p.segment_ids) for p in prompts)
+    batch = len(prompts)
+    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long)
+    mask = torch.empty(batch, 1, total, total, dtype=dtype)
+    position_ids = torch.empty(batch, total, dtype=torch.long)
+    score_index = torch.zeros(batch, c_max, dtype=torch.long)
+    candidate_mask = torch.zeros(batch, c_max, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        lens = p.segment_lens
+        input_ids[b, : p.num_tokens] = torch.tensor(p.input_ids, dtype=torch.long)
+        mask[b] = build_block_mask(p.prefix_len, lens, dtype, total)[0]
+        position_ids[b] = block_position_ids(p.prefix_len, lens, total)[0]
+        score_index[b, : len(lens)] = segment_last_index(p.prefix_len, lens)
+        candidate_mask[b, : len(lens)] = True
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(p, name) for p in prompts if getattr(p, name) is not None]
+        return torch.cat(parts) if parts else None
+
+    return RankingInputs(
+        input_ids, mask, position_ids, score_index, candidate_mask, cat("item_features"), cat("item_ids"),
+        [p.num_tokens for p in prompts],
+    )
+
+
+# --- the ranker ----------------------------------------------------------------------------------
+@dataclass
+class RankingRequest:
+    """One user's history (oldest first) and the candidates to score, as catalog item indices."""
+
+    history: Sequence[int]
+    candidates: Sequence[int]
+
+
+@dataclass
+class ItemCatalog:
+    """What the ranker knows about each item; item index i is row i.
+
+    The teacher needs ``texts``; the student needs ``features`` when its item encoder reads
+    precomputed vectors (``ItemConfig.feature_dim > 0``) and passes the indices themselves to the
+    id embedding when it has one (``ItemConfig.num_items > 0``).
+    """
+
+    texts: Sequence[str] | None = None
+    """Item texts (e.g. ``InteractionDataset.item_texts``)."""
+    features: torch.Tensor | None = None
+    """(N, F) precomputed item vectors (e.g. MiniLM embeddings of the texts)."""
+
+    def __post_init__(self) -> None:
+        if self.texts is None and self.features is None:
+            raise DataError("ItemCatalog needs texts and/or features")
+        if self.features is not None:
+            self.features = torch.as_tensor(self.features)
+            if self.features.dim() != 2:
+                raise DataError(f"ItemCatalog.features must be (num_items, dim), got shape {tuple(self.features.shape)}")
+        if self.texts is not None and self.features is not None and len(self.texts) != self.features.shape[0]:
+            raise DataError(f"ItemCatalog has {len(self.texts)} texts but {self.features.shape[0]} feature rows")
+
+    @property
+    def num_items(self) -> int:
+        return len(self.texts) if self.texts is not None else int(self.features.shape[0])
+
+    def check(self, ids: Sequence[int], what: str) -> list[int]:
+        """``ids`` as a list of ints, or DataError naming the first id outside the catalog."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.num_items]
+        if bad:
+            raise DataError(f"{what}: item id {bad[0]} is not in the catalog (ids 0..{self.num_items - 1})")
+        return ids
+
+
+class MixLLMRanker(nn.Module):
+    """Scores a request's candidates in one forward of a :class:`MixLLMForCausalLM`.
+
+    Args:
+        model: the fused model; the student needs its item modality, the teacher reads text only.
+        processor: the model's :class:`~mixllm.processor.MixLLMProcessor`.
+        catalog: item texts (teacher) and/or features (student).
+        mode: "teacher" (items as text) or "student" (items as ``<item>`` tokens).
+        template: how requests become text (shared by both modes).
+        scoring: "head" (default) or "answer_token".
+
+            * "head": a ``nn.Linear(hidden, 1)`` on the final hidden state of each candidate
+              segment's last token — the one token that has seen the prefix and its own candidate
+              and nothing else. It gives an unbounded scalar per candidate, which is what listwise
+              training over candidate lists (softmax / KL against the teacher's distribution)
+              needs, it is trained with the item projector while the LLM stays frozen, and it
+              needs no question text per candidate.
+            * "answer_token": the LM head's logit of ``answer_token`` (e.g. "Yes") at that same
+              token; zero new parameters, usable zero-shot, but reads best with a question in
+              ``template.segment``, which every candidate pays for. Only the C gathered positions
+              go through the LM head.
+        answer_token: the text of the answer token; must tokenize to exactly one token.
+    """
+
+    def __init__(
+        self,
+        model: MixLLMForCausalLM,
+        processor,
+        catalog: ItemCatalog,
+        mode: str = "student",
+        template: RankingTemplate | None = None,
+        scoring: str = "head",
+        answer_token: str = "Yes",
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        self.model = model
+        self.processor = processor
+        self.catalog = catalog
+        self.mode = mode
+        self.scoring = scoring
+        self.answer_token = answer_token
+        self.prompts = RankingPromptBuilder(processor, template)
+        self._check_catalog()
+        text_config = model.language_model.config.get_text_config()
+        self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        dtype = next(model.language_model.parameters()).dtype
+        self.score_head = nn.Linear(text_config.hidden_size, 1).to(dtype) if scoring == "head" else None
+        self.answer_token_id: int | None = None
+        if scoring == "answer_token":
+            ids = processor.tokenizer(answer_token, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"answer_token {answer_token!r} is {len(ids)} tokens; it must be exactly one")
+            self.answer_token_id = ids[0]
+
+    def _check_catalog(self) -> None:
+        if self.mode == "teacher":
+            if self.catalog.texts is None:
+                raise DataError("the teacher reads item texts: give ItemCatalog(texts=...)")
+            return
+        if "item" not in self.model.encoders:
+            raise DataError("the student needs a model with the item modality (MixLLMConfig.item)")
+        item = self.model.config.item
+        if item.feature_dim > 0:
+            if self.catalog.features is None:
+                raise DataError(f"the item encoder reads {item.feature_dim}-wide features: give ItemCatalog(features=...)")
+            if self.catalog.features.shape[1] != item.feature_dim:
+                raise DataError(
+                    f"ItemCatalog.features have width {self.catalog.features.shape[1]} but the item encoder "
+                    f"expects {item.feature_dim}"
+                )
+        if item.num_items > 0 and self.catalog.num_items > item.num_items:
+            raise DataError(
+                f"the catalog has {self.catalog.num_items} items but the id embedding holds {item.num_items}"
+            )
+
+    # --- requests -> inputs ----------------------------------------------------------------------
+    def build_prompt(self, request: RankingRequest, index: int = 0) -> RankingPrompt:
+        """Tokenize one request (``index`` only names it in error messages)."""
+        if len(request.candidates) == 0:
+            raise DataError(f"request {index}: the candidate list is empty")
+        history = self.catalog.check(request.history, f"request {index} history")
+        candidates = self.catalog.check(request.candidates, f"request {index} candidates")
+        try:
+            if self.mode == "teacher":
+                texts = self.catalog.texts
+                prompt = self.prompts.teacher([texts[i] for i in history], [texts[i] for i in candidates])
+            else:
+                prompt = self.prompts.student(**self._item_inputs(history, candidates))
+        except DataError as err:
+            raise DataError(f"request {index}: {err}") from None
+        longest = prompt.prefix_len + max(prompt.segment_lens)
+        if self.max_positions is not None and longest > self.max_positions:
+            raise DataError(
+                f"request {index}: the prefix ({prompt.prefix_len} tokens, {len(history)} history items) plus the "
+                f"longest candidate ({max(prompt.segment_lens)} tokens) needs {longest} positions but the model "
+                f"allows {self.max_positions}; shorten the history"
+            )
+        return prompt
+
+    def _item_inputs(self, history: list[int], candidates: list[int]) -> dict[str, Any]:
+        item = self.model.config.item
+        out: dict[str, Any] = {}
+        if item.feature_dim > 0:
+            out["history_features"] = self.catalog.features[history]  # (H, F)
+            out["candidate_features"] = self.catalog.features[candidates]  # (C, F)
+        if item.num_items > 0:
+            out["history_ids"], out["candidate_ids"] = history, candidates
+        return out
+
+    def prepare(self, requests: Sequence[RankingRequest]) -> RankingInputs:
+        """Tokenize and pad a batch of requests (on the CPU; call ``.to(device)`` as needed)."""
+        if not requests:
+            raise DataError("requests: the batch is empty")
+        prompts = [self.build_prompt(r, i) for i, r in enumerate(requests)]
+        return collate_prompts(prompts, self.processor.pad_token_id, self._dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.language_model.parameters()).dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.language_model.parameters()).device
+
+    # --- scoring ---------------------------------------------------------------------------------
+    def forward(self, inputs: RankingInputs) -> torch.Tensor:
+        """(B, C_max) scores; padded candidate slots hold 0 (see ``inputs.candidate_mask``)."""
+        inputs_embeds = self.model.embed_inputs(
+            inputs.input_ids, item_features=inputs.item_features, item_ids=inputs.item_ids
+        )  # (B, T, D)
+        backbone = self.model.language_model.base_model  # the decoder stack, without the LM head
+        hidden = backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=inputs.attention_mask.to(inputs_embeds.dtype),  # (B, 1, T, T)
+            position_ids=inputs.position_ids,  # (B, T)
+            use_cache=False,
+        ).last_hidden_state  # (B, T, D)
+        index = inputs.score_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, C, D)
+        last = hidden.gather(1, index)  # (B, C, D)
+        if self.score_head is not None:
+            scores = self.score_head(last).squeeze(-1)  # (B, C)
+        else:
+            lm_head = self.model.language_model.get_output_embeddings()
+            scores = last @ lm_head.weight[self.answer_token_id]  # (B, C): one row of the LM head only
+            if getattr(lm_head, "bias", None) is not None:
+                scores = scores + lm_head.bias[self.answer_token_id]
+        return scores.masked_fill(~inputs.candidate_mask, 0.0)
+
+    def score(self, requests: Sequence[RankingRequest]) -> list[torch.Tensor]:
+        """One (C_i,) tensor of scores per request, in the request's candidate order."""
+        inputs = self.prepare(requests).to(self._device)
+        scores = self(inputs)
+        return [row[mask] for row, mask in zip(scores, inputs.candidate_mask)]
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def ranker_config(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "scoring": self.scoring, "answer_token": self.answer_token,
+            "template": asdict(self.prompts.template),
+        }  # fmt: skip
+
+    def save_pretrained(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        """The model's checkpoint (``MixLLMForCausalLM.save_pretrained``) plus ``ranker_config.json``
+        and the score head as ``ranker_head.safetensors``."""
+        path = self.model.save_pretrained(path, provenance=provenance)
+        (path / RANKER_CONFIG_NAME).write_text(json.dumps(self.ranker_config(), indent=2))
+        if self.score_head is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()},
+                      str(path / RANKER_HEAD_NAME))
+        return path
+
+    def load_score_head(self, path: str | Path) -> None:
+        """Load ``ranker_head.safetensors`` from a checkpoint directory into this ranker's head."""
+        if self.score_head is None:
+            raise ValueError("this ranker scores with the answer token; it has no score head")
+        state = load_file(str(Path(path) / RANKER_HEAD_NAME))
+        self.score_head.load_state_dict(state)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, catalog: ItemCatalog, dtype: torch.dtype = torch.float32) -> MixLLMRanker:
+        """Load what :meth:`save_pretrained` wrote (the base LLM is loaded from its reference)."""
+        from mixllm.loading import from_pretrained
+
+        path = Path(path)
+        config_file = path / RANKER_CONFIG_NAME
+        if not config_file.is_file():
+            raise DataError(f"{path} is not a ranker checkpoint: {RANKER_CONFIG_NAME} is missing")
+        meta = json.loads(config_file.read_text())
+        model, processor = from_pretrained(path, dtype=dtype)
+        ranker = cls(
+            model, processor, catalog, mode=meta["mode"], template=RankingTemplate(**meta["template"]),
+            scoring=meta["scoring"], answer_token=meta["answer_token"],
+        )  # fmt: skip
+        if ranker.score_head is not None:
+            ranker.load_score_head(path)
+        return ranker.eval()
