@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="What is the capital of France?")
     demo.set_defaults(func=_handler("mixllm.generation:cli_demo"))
 
+    # --- train ------------------------------------------------------------------------------
+    train = commands.add_parser("train", help="train a ranker (Lightning): the textual teacher or the distilled student")
+    train.add_argument("role", choices=["teacher", "student"], help="which ranker to train")
+    train.add_argument("--config", required=True, help="YAML recipe (training/configs/*.yaml)")
+    train.add_argument("--resume", default=None, help="Lightning checkpoint (.ckpt) to resume from")
+    train.set_defaults(func=_handler("training.rankers:cli_train"))
+
     # --- eval -------------------------------------------------------------------------------
     ev = commands.add_parser("eval", help="evaluate recommenders on the evaluation protocols")
     ev_cmds = ev.add_subparsers(dest="eval_command", required=True)
