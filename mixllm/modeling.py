@@ -175,7 +175,20 @@ class MixLLMForCausalLM(nn.Module):
         return key.startswith("encoders.image.tower.") and image is not None and image.freeze_encoder
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not self._is_referenced(k)}
+        """The parameters a checkpoint stores. Tied tensors (a fully fine-tuned LLM's shared input and
+        output embeddings) appear once, under their first name: reloading fills both, since they are
+        one parameter, and safetensors refuses tensors that share memory."""
+        out: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for key, value in self.state_dict().items():
+            if self._is_referenced(key):
+                continue
+            storage = (value.data_ptr(), tuple(value.shape))
+            if value.numel() and storage in seen:
+                continue
+            seen.add(storage)
+            out[key] = value
+        return out
 
     def save_pretrained(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
         """Write ``mixllm_config.json`` (config + provenance) and the trained parts as safetensors."""

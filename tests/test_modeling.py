@@ -122,3 +122,24 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_lm_dir):
     reloaded_batch = _inputs(loaded_processor)
     assert torch.equal(reloaded_batch["input_ids"], batch["input_ids"])
     assert torch.equal(loaded(**reloaded_batch).logits, expected)
+
+
+def test_fully_trained_llm_with_tied_embeddings_saves_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tied = make_language_model("llama")
+    tied.config.tie_word_embeddings = True
+    tied = AutoModelForCausalLM.from_config(tied.config)  # SmolLM2 ties its embeddings like this
+    tied.save_pretrained(tmp_path / "tied")
+    make_tokenizer().save_pretrained(tmp_path / "tied")
+    config = _config(tmp_path / "tied")
+    config.freeze_language_model = False
+    model, processor = build(config)
+    lm = model.language_model
+    assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    lm.get_input_embeddings().weight.data.add_(0.5)  # "training" moved the shared embedding
+    batch = _inputs(processor)
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded, _ = from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded(**batch).logits, expected)

@@ -1,0 +1,195 @@
+"""Lightning training of the rankers on a tiny synthetic dataset and a tiny random Llama (CPU, seconds)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mixllm.data import leave_one_out, make_synthetic_dataset
+from mixllm.errors import MixLLMError
+from mixllm.ranking import ItemCatalog, MixLLMRanker
+from training import rankers
+from training.rankers import RankerRecipe, RecipeError, ranking_loss, train_ranker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recipe(name: str, tmp_path: Path, **overrides) -> RankerRecipe:
+    """A packaged tiny recipe writing its outputs and caches (candidate lists) under tmp_path."""
+    return RankerRecipe.from_yaml(name, output_dir=str(tmp_path / name.split("_")[0]), cache_dir=str(tmp_path / "cache"), **overrides)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    return train_ranker(_recipe("teacher_tiny.yaml", tmp_path_factory.mktemp("teacher"), max_steps=2))
+
+
+def test_loss_ce_kl_and_labels_only_ablation():
+    scores = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    target = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(scores, target)
+    assert torch.allclose(ranking_loss(scores, target)[0], ce)
+    assert torch.allclose(ranking_loss(scores, target, scores * 3, temperature=2.0, alpha=0.0)[0], ce)  # alpha 0: labels only
+    loss, parts = ranking_loss(scores, target, scores.clone(), temperature=2.0, alpha=0.7)
+    assert parts["kl"].abs() < 1e-6 and torch.allclose(loss, 0.3 * ce)  # the teacher agrees: KL term vanishes
+    _, parts = ranking_loss(scores, target, -scores, temperature=2.0, alpha=0.7)
+    assert parts["kl"] > 0.1
+
+
+def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
+    recipe = RankerRecipe.from_yaml("teacher_tiny.yaml", limit_train_users=None, targets_per_user=3)
+    split = leave_one_out(make_synthetic_dataset(seed=0))
+    lists = rankers.build_training_lists(split, recipe)
+    again = rankers.build_training_lists(split, recipe)
+    assert lists.equals(again) and lists.key == again.key
+    assert len(set(lists.target_index.tolist())) > 1  # the target is not always in column 0
+    for row in range(len(lists)):
+        user, cands = lists.users[row], lists.candidates[row]
+        target = cands[lists.target_index[row]]
+        seq = split.train_sequence(user).tolist()
+        history = [i for i in lists.histories[row] if i >= 0]
+        assert target in seq and seq[seq.index(target) - len(history) : seq.index(target)] == history
+        negatives = set(cands.tolist()) - {int(target)}
+        assert len(negatives) == recipe.num_negatives and not negatives & set(split.interacted_items(user).tolist())
+    other = rankers.build_training_lists(split, recipe.replace(seed=1))
+    assert other.key != lists.key
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"alpha": 1.5}, "alpha"),
+        ({"temperature": 0}, "temperature"),
+        ({"fine_tuning": "lora"}, "fine_tuning"),
+        ({"fine_tuning": "half"}, "fine_tuning"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_protocol": "full"}, "val_protocol"),
+        ({"teacher_scores": None}, "teacher_scores"),
+        ({"item_features": "minilm+ids"}, "item_features"),
+        ({"no_such_key": 1}, "no_such_key"),
+    ],
+)
+def test_recipe_errors_name_the_field(overrides, field):
+    with pytest.raises(RecipeError) as err:
+        RankerRecipe.from_yaml("student_tiny.yaml", **overrides)
+    assert err.value.field == field and str(err.value).startswith(f"{field}:")
+    assert isinstance(err.value, MixLLMError)
+
+
+def test_teacher_recipe_rejects_alpha():
+    with pytest.raises(RecipeError, match="^alpha:"):
+        RankerRecipe.from_yaml("teacher_tiny.yaml", alpha=0.5)
+
+
+@pytest.mark.parametrize("name", ["teacher.yaml", "student.yaml", "teacher_tiny.yaml", "student_tiny.yaml"])
+def test_packaged_recipes_parse(name):
+    recipe = RankerRecipe.from_yaml(name)
+    assert recipe.role == name.split("_")[0].split(".")[0]
+
+
+def test_teacher_checkpoint_reloads_to_identical_scores(teacher_run, tmp_path):
+    assert teacher_run.global_step == 2 and teacher_run.lightning_checkpoint.is_file()
+    info = (teacher_run.ranker_dir / rankers.RUN_INFO_NAME).read_text()
+    assert '"role": "teacher"' in info and '"fingerprint"' in info and '"seed": 0' in info
+    live = teacher_run.ranker.eval()
+    reloaded = MixLLMRanker.from_pretrained(teacher_run.ranker_dir, live.catalog)
+    split = leave_one_out(make_synthetic_dataset(seed=0))
+    lists = rankers.build_validation_lists(split, RankerRecipe.from_yaml("teacher_tiny.yaml", cache_dir=str(tmp_path)))
+    requests = [lists.request(i) for i in range(3)]
+    with torch.no_grad():
+        expected, got = live.score(requests), reloaded.score(requests)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b)
+    # full fine-tuning trained the LLM: the checkpoint differs from the fresh random base
+    fresh, _ = rankers.make_tiny_base_model(0)
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, reloaded.model.language_model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_student_distils_from_stored_scores_without_running_the_teacher(teacher_run, tmp_path, monkeypatch):
+    scores_path = tmp_path / "teacher_scores.pt"
+    recipe = _recipe("student_tiny.yaml", tmp_path, teacher_scores=str(scores_path),
+                     teacher_checkpoint=str(teacher_run.ranker_dir), fast_dev_run=1)
+    first = train_ranker(recipe)  # scores the lists once and stores them
+    assert scores_path.is_file() and "train/kl" in first.metrics and "val/hr@1" in first.metrics
+    stored = torch.load(scores_path, weights_only=True)
+    split = leave_one_out(make_synthetic_dataset(seed=0))
+    lists = rankers.build_training_lists(split, recipe)
+    assert stored["key"] == lists.key and torch.equal(stored["candidates"], torch.from_numpy(lists.candidates))
+    teacher = MixLLMRanker.from_pretrained(teacher_run.ranker_dir, ItemCatalog(texts=split.dataset.item_texts))
+    torch.testing.assert_close(rankers.score_lists_with_teacher(teacher, lists, progress=False)[:4], stored["scores"][:4])
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the teacher ran during student training")
+
+    monkeypatch.setattr(rankers, "score_lists_with_teacher", boom)
+    monkeypatch.setattr(MixLLMRanker, "from_pretrained", boom)
+    seen = []
+    original = rankers.ListCollator.__call__
+
+    def spy(self, rows):
+        batch = original(self, rows)
+        seen.append(batch["teacher_scores"])
+        return batch
+
+    monkeypatch.setattr(rankers.ListCollator, "__call__", spy)
+    second = train_ranker(recipe)
+    assert second.global_step == 1
+    train_scores = [s for s in seen if s is not None]
+    assert train_scores  # every training batch carries rows of the stored scores, nothing recomputed
+    assert all(any(torch.equal(row, ref) for ref in stored["scores"]) for batch in train_scores for row in batch)
+
+    # stored scores of other lists are refused, naming the field
+    with pytest.raises(RecipeError, match="^teacher_scores:"):
+        train_ranker(recipe.replace(seed=1))
+
+
+def test_labels_only_student_needs_no_teacher(tmp_path):
+    result = train_ranker(_recipe("student_tiny.yaml", tmp_path, alpha=0.0, teacher_scores=None, teacher_checkpoint=None,
+                                  fast_dev_run=1))
+    assert "train/kl" not in result.metrics and result.global_step == 1
+
+
+def test_resume_from_lightning_checkpoint(tmp_path):
+    recipe = _recipe("student_tiny.yaml", tmp_path, alpha=0.0, teacher_scores=None, max_steps=2, max_epochs=5)
+    first = train_ranker(recipe)
+    assert first.global_step == 2
+    ckpt = torch.load(first.lightning_checkpoint, weights_only=False)
+    assert all(not k.startswith("ranker.model.language_model.") for k in ckpt["state_dict"])  # frozen LLM referenced
+    resumed = train_ranker(recipe.replace(max_steps=4), resume=first.lightning_checkpoint)
+    assert resumed.global_step == 4
+    with pytest.raises(RecipeError, match="^resume:"):
+        train_ranker(recipe, resume=tmp_path / "missing.ckpt")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_through_the_cli(tmp_path):
+    raw = yaml.safe_load((rankers.CONFIG_DIR / "teacher_tiny.yaml").read_text())
+    raw.update(strategy="ddp", devices=2, accelerator="cpu", max_steps=2, output_dir=str(tmp_path / "ddp"), cache_dir=str(tmp_path / "cache"))
+    config = tmp_path / "teacher_ddp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mixllm", "train", "teacher", "--config", str(config)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ranker checkpoint:" in proc.stdout
+    info = yaml.safe_load((tmp_path / "ddp" / "ranker" / rankers.RUN_INFO_NAME).read_text())
+    assert info["world_size"] == 2 and info["global_step"] == 2
+
+
+def test_cli_rejects_a_recipe_of_the_other_role(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mixllm", "train", "student", "--config", "teacher_tiny.yaml"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mixllm: error: role:")
