@@ -65,9 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="evaluate recommenders on the evaluation protocols")
     ev_cmds = ev.add_subparsers(dest="eval_command", required=True)
     base = ev_cmds.add_parser("baselines", help="train and evaluate the classical baselines")
-    base.add_argument("--dataset", default="ml-100k")
-    base.add_argument("--seed", type=int, nargs="+", default=[0])
-    base.add_argument("--output", default="reports/ml100k_baselines.json")
+    base.add_argument("--dataset", default="ml-100k",
+                      help="ml-100k, or a folder with interactions.{csv,parquet} and items.{csv,parquet}")
+    base.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (report: mean ± std)")
+    base.add_argument("--output", default="reports/ml100k_baselines.json", help="JSON report (markdown beside it)")
+    base.add_argument("--models", nargs="+", default=None, help="subset of: popularity sasrec minilm-text")
+    base.add_argument("--config", default="sasrec.yaml", help="SASRec recipe (training/configs/*.yaml or a path)")
+    base.add_argument("--cache-dir", default=None, help="candidate lists (default $MIXLLM_HOME/candidates)")
+    base.add_argument("--checkpoint-dir", default=None, help="SASRec checkpoints (default $MIXLLM_HOME/checkpoints)")
     base.set_defaults(func=_handler("training.baselines:cli_baselines"))
     return parser
 
