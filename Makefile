@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test assets clean
+.PHONY: setup demo test assets rankers rankers-eval clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,24 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -ra tests
+
+# The Mix-LLM pipeline behind checkpoints/ and reports/ml100k_rankers.*: teacher (LoRA), teacher
+# scores stored once, distilled student, labels-only student, then the report. ~75 min of 2-core CPU
+# time in all (see README); on a GPU set accelerator: gpu in the recipes.
+rankers: setup
+	$(VENV)/bin/mixllm train teacher --config training/configs/teacher.yaml
+	$(VENV)/bin/mixllm train student --config training/configs/student.yaml
+	$(VENV)/bin/mixllm train student --config training/configs/student_labels.yaml
+	rm -rf checkpoints/teacher checkpoints/student checkpoints/student_labels
+	mkdir -p checkpoints
+	cp -r runs/teacher/ranker checkpoints/teacher
+	cp -r runs/student/ranker checkpoints/student
+	cp -r runs/student_labels/ranker checkpoints/student_labels
+	$(MAKE) rankers-eval
+
+rankers-eval: setup
+	$(VENV)/bin/mixllm eval ranker --checkpoint teacher=checkpoints/teacher "student (distilled)=checkpoints/student" \
+		"student (labels only)=checkpoints/student_labels"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -74,6 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--cache-dir", default=None, help="candidate lists (default $MIXLLM_HOME/candidates)")
     base.add_argument("--checkpoint-dir", default=None, help="SASRec checkpoints (default $MIXLLM_HOME/checkpoints)")
     base.set_defaults(func=_handler("training.baselines:cli_baselines"))
+    rk = ev_cmds.add_parser("ranker", help="score Mix-LLM ranker checkpoints next to the baselines (quality + speed)")
+    rk.add_argument("--checkpoint", nargs="+", required=True, metavar="[NAME=]PATH",
+                    help="ranker checkpoint folders (checkpoints/teacher, runs/student/ranker, ...)")
+    rk.add_argument("--dataset", default="ml-100k", help="ml-100k or a dataset folder (see mixllm.data.load_dataset)")
+    rk.add_argument("--seed", type=int, default=0, help="candidate lists and SASRec retriever of this seed")
+    rk.add_argument("--output", default="reports/ml100k_rankers.json", help="JSON report (markdown beside it)")
+    rk.add_argument("--max-users", type=int, default=None, help="evaluate only the first N test users (all rows)")
+    rk.add_argument("--teacher-users-20", type=int, default=300, help="teacher rows: users for sampled-20")
+    rk.add_argument("--teacher-users-100", type=int, default=60,
+                    help="teacher rows: users for sampled-100 and full ranking (~1,900-token prompts)")
+    rk.add_argument("--retrieve", type=int, default=100, help="full ranking: FAISS top-k that the LLM reranks")
+    rk.add_argument("--batch-size", type=int, default=8, help="requests per forward while scoring")
+    rk.add_argument("--speed-requests", type=int, default=64, help="requests timed side by side")
+    rk.add_argument("--speed-batch-size", type=int, default=8, help="requests per batch in the speed run")
+    rk.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    rk.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    rk.add_argument("--cache-dir", default=None, help="root for candidate lists and SASRec (default $MIXLLM_HOME)")
+    rk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rk.set_defaults(func=_handler("training.ranker_eval:cli_eval_ranker"))
     return parser
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mixllm.lora import LoRAConfig
 from mixllm.projector import PROJECTOR_TYPES
 
 MODALITIES = ("image", "item", "user")
@@ -98,14 +99,18 @@ class MixLLMConfig:
     """Item modality, or None."""
     user: UserConfig | None = None
     """User modality, or None."""
+    lora: LoRAConfig | None = None
+    """Low-rank adapters on the (frozen) language model, trained and saved with the checkpoint; None = none."""
     token_ids: dict[str, int] = field(default_factory=dict)
     """Placeholder token id per modality, filled in when the processor registers the tokens."""
 
     def __post_init__(self) -> None:
-        for name, cls in (("image", ImageConfig), ("item", ItemConfig), ("user", UserConfig)):
+        for name, cls in (("image", ImageConfig), ("item", ItemConfig), ("user", UserConfig), ("lora", LoRAConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls(**value))
+        if self.lora is not None and not self.freeze_language_model:
+            raise ValueError("lora needs freeze_language_model=True: the adapters train, the base weights stay fixed")
         if self.language_model_source not in ("pretrained", "llava"):
             raise ValueError(f"language_model_source must be 'pretrained' or 'llava', got {self.language_model_source!r}")
         for name in self.modalities:

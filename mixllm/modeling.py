@@ -23,6 +23,7 @@ from mixllm.config import MixLLMConfig
 from mixllm.encoders.image import ImageEncoder
 from mixllm.encoders.item import ItemEncoder
 from mixllm.encoders.user import UserEncoder
+from mixllm.lora import apply_lora, is_lora_key
 from mixllm.merge import merge_modality_features
 from mixllm.projector import Projector
 
@@ -56,6 +57,8 @@ class MixLLMForCausalLM(nn.Module):
             self.projectors["user"] = Projector(self.encoders["user"].output_dim, hidden, config.user.projector)
         if config.freeze_language_model:
             self.language_model.requires_grad_(False)
+        if config.lora is not None:
+            apply_lora(self.language_model, config.lora)
         # Fresh modules in the language model's dtype, so a bf16 LLM gets bf16 projectors.
         lm_dtype = next(language_model.parameters()).dtype
         self.encoders.to(lm_dtype)
@@ -168,9 +171,9 @@ class MixLLMForCausalLM(nn.Module):
     # --- checkpoints -------------------------------------------------------------------------
     def _is_referenced(self, key: str) -> bool:
         """Parameters that a checkpoint references instead of copying: the base LLM (unless it was
-        trained) and a frozen pretrained vision tower."""
+        trained; its LoRA adapters are always stored) and a frozen pretrained vision tower."""
         if key.startswith("language_model."):
-            return self.config.freeze_language_model
+            return self.config.freeze_language_model and not is_lora_key(key)
         image = self.config.image
         return key.startswith("encoders.image.tower.") and image is not None and image.freeze_encoder
 

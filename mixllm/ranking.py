@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 RANKER_CONFIG_NAME = "ranker_config.json"
 RANKER_HEAD_NAME = "ranker_head.safetensors"
+CATALOG_FEATURES_NAME = "catalog_features.safetensors"
 MODES = ("teacher", "student")
 SCORINGS = ("head", "answer_token")
 
@@ -367,6 +368,8 @@ class MixLLMRanker(nn.Module):
               ``template.segment``, which every candidate pays for. Only the C gathered positions
               go through the LM head.
         answer_token: the text of the answer token; must tokenize to exactly one token.
+        max_history: the most history items a request may hold (the H the ranker was trained
+            with); None = limited only by the model's positions.
     """
 
     def __init__(
@@ -378,8 +381,12 @@ class MixLLMRanker(nn.Module):
         template: RankingTemplate | None = None,
         scoring: str = "head",
         answer_token: str = "Yes",
+        max_history: int | None = None,
     ):
         super().__init__()
+        if max_history is not None and max_history < 1:
+            raise ValueError(f"max_history must be >= 1 or None, got {max_history!r}")
+        self.max_history = max_history
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if scoring not in SCORINGS:
@@ -429,6 +436,11 @@ class MixLLMRanker(nn.Module):
         """Tokenize one request (``index`` only names it in error messages)."""
         if len(request.candidates) == 0:
             raise DataError(f"request {index}: the candidate list is empty")
+        if self.max_history is not None and len(request.history) > self.max_history:
+            raise DataError(
+                f"request {index}: the history has {len(request.history)} items but this ranker reads at most "
+                f"{self.max_history} (max_history); pass the {self.max_history} most recent"
+            )
         history = self.catalog.check(request.history, f"request {index} history")
         candidates = self.catalog.check(request.candidates, f"request {index} candidates")
         try:
@@ -507,13 +519,16 @@ class MixLLMRanker(nn.Module):
     def ranker_config(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "scoring": self.scoring, "answer_token": self.answer_token,
-            "template": asdict(self.prompts.template),
+            "template": asdict(self.prompts.template), "max_history": self.max_history,
         }  # fmt: skip
 
     def save_pretrained(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
         """The model's checkpoint (``MixLLMForCausalLM.save_pretrained``) plus ``ranker_config.json``
-        and the score head as ``ranker_head.safetensors``."""
+        and the score head as ``ranker_head.safetensors``; a student also stores its catalog's item
+        features (``catalog_features.safetensors``), so it reloads without recomputing them."""
         path = self.model.save_pretrained(path, provenance=provenance)
+        if self.mode == "student" and self.catalog.features is not None:
+            save_file({"features": self.catalog.features.detach().float().contiguous().cpu()}, str(path / CATALOG_FEATURES_NAME))
         (path / RANKER_CONFIG_NAME).write_text(json.dumps(self.ranker_config(), indent=2))
         if self.score_head is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()},
@@ -528,19 +543,34 @@ class MixLLMRanker(nn.Module):
         self.score_head.load_state_dict(state)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, catalog: ItemCatalog, dtype: torch.dtype = torch.float32) -> MixLLMRanker:
-        """Load what :meth:`save_pretrained` wrote (the base LLM is loaded from its reference)."""
+    def from_pretrained(
+        cls, path: str | Path, catalog: ItemCatalog | None = None, dtype: torch.dtype = torch.float32
+    ) -> MixLLMRanker:
+        """Load what :meth:`save_pretrained` wrote (the base LLM is loaded from its reference).
+
+        ``catalog`` may be left out for a student that stored its item features; a teacher needs
+        ``ItemCatalog(texts=...)``. Stored features fill in a catalog given without features."""
         from mixllm.loading import from_pretrained
 
         path = Path(path)
         config_file = path / RANKER_CONFIG_NAME
         if not config_file.is_file():
             raise DataError(f"{path} is not a ranker checkpoint: {RANKER_CONFIG_NAME} is missing")
+        stored = path / CATALOG_FEATURES_NAME
+        if stored.is_file() and (catalog is None or catalog.features is None):
+            texts = None if catalog is None else catalog.texts
+            catalog = ItemCatalog(texts=texts, features=load_file(str(stored))["features"])
+        if catalog is None:
+            raise DataError(f"{path} stores no item features: give ItemCatalog(texts=...) (and features for a student)")
         meta = json.loads(config_file.read_text())
+        max_history = meta.get("max_history")
+        run_info = path / "training_run.json"
+        if max_history is None and run_info.is_file():  # checkpoints written before max_history was stored
+            max_history = json.loads(run_info.read_text()).get("recipe", {}).get("history_length")
         model, processor = from_pretrained(path, dtype=dtype)
         ranker = cls(
             model, processor, catalog, mode=meta["mode"], template=RankingTemplate(**meta["template"]),
-            scoring=meta["scoring"], answer_token=meta["answer_token"],
+            scoring=meta["scoring"], answer_token=meta["answer_token"], max_history=max_history,
         )  # fmt: skip
         if ranker.score_head is not None:
             ranker.load_score_head(path)

@@ -272,6 +272,28 @@ def test_score_head_round_trip(tmp_path, tiny_lm_dir):
         MixLLMRanker.from_pretrained(tiny_lm_dir, catalog)
 
 
+def test_student_checkpoint_stores_its_catalog_features_and_max_history(tmp_path, tiny_lm_dir):
+    catalog = _catalog()
+    ranker = _ranker("student", lm_path=tiny_lm_dir, catalog=catalog)
+    ranker.max_history = 4
+    with torch.no_grad():
+        expected = ranker.score([REQUEST])[0]
+    ranker.save_pretrained(tmp_path / "ckpt")
+    stored = load_file(str(tmp_path / "ckpt" / "catalog_features.safetensors"))["features"]
+    assert torch.equal(stored, catalog.features)
+    loaded = MixLLMRanker.from_pretrained(tmp_path / "ckpt")  # no catalog: the stored features serve
+    assert loaded.max_history == 4 and torch.equal(loaded.catalog.features, catalog.features)
+    with torch.no_grad():
+        assert torch.allclose(loaded.score([REQUEST])[0], expected, atol=1e-6)
+    with pytest.raises(DataError, match=r"request 0: the history has 5 items but this ranker reads at most 4 \(max_history\)"):
+        loaded.score([RankingRequest(history=[1, 2, 3, 4, 5], candidates=[6, 7])])
+    teacher = _ranker("teacher", lm_path=tiny_lm_dir)
+    teacher.save_pretrained(tmp_path / "teacher")
+    assert not (tmp_path / "teacher" / "catalog_features.safetensors").exists()
+    with pytest.raises(DataError, match="stores no item features"):
+        MixLLMRanker.from_pretrained(tmp_path / "teacher")
+
+
 # --- integration: the real SmolLM2 and MovieLens ------------------------------------------------
 @pytest.fixture(scope="module")
 def movielens_texts():

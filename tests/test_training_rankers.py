@@ -67,7 +67,8 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
     [
         ({"alpha": 1.5}, "alpha"),
         ({"temperature": 0}, "temperature"),
-        ({"fine_tuning": "lora"}, "fine_tuning"),
+        ({"fine_tuning": "half"}, "fine_tuning"),
+        ({"fine_tuning": "lora", "lora_targets": "q_proj"}, "lora_targets"),
         ({"fine_tuning": "half"}, "fine_tuning"),
         ({"batch_size": 0}, "batch_size"),
         ({"val_protocol": "full"}, "val_protocol"),
@@ -88,7 +89,7 @@ def test_teacher_recipe_rejects_alpha():
         RankerRecipe.from_yaml("teacher_tiny.yaml", alpha=0.5)
 
 
-@pytest.mark.parametrize("name", ["teacher.yaml", "student.yaml", "teacher_tiny.yaml", "student_tiny.yaml"])
+@pytest.mark.parametrize("name", ["teacher.yaml", "student.yaml", "student_labels.yaml", "teacher_tiny.yaml", "student_tiny.yaml"])
 def test_packaged_recipes_parse(name):
     recipe = RankerRecipe.from_yaml(name)
     assert recipe.role == name.split("_")[0].split(".")[0]
@@ -193,3 +194,31 @@ def test_cli_rejects_a_recipe_of_the_other_role(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mixllm", "train", "student", "--config", "teacher_tiny.yaml"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mixllm: error: role:")
+
+
+def test_item_features_sasrec_checkpoint_and_concatenation(tmp_path):
+    from mixllm.baselines.sasrec import SASRec, SASRecConfig
+
+    dataset = make_synthetic_dataset(seed=0)
+    torch.manual_seed(0)
+    sasrec = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=8, max_len=5))
+    home = tmp_path / "home"
+    folder = home / "checkpoints" / f"sasrec-{dataset.name}-seed0"
+    sasrec.save_pretrained(folder, provenance={"dataset_fingerprint": dataset.fingerprint()})
+    table = sasrec.item_embeddings().detach()
+    by_name = rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), dataset)
+    by_path = rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=str(folder)), dataset)
+    assert torch.equal(by_name, table) and torch.equal(by_path, table)
+    ids_npy = tmp_path / "extra.npy"
+    import numpy as np
+
+    extra = np.arange(dataset.num_items * 3, dtype=np.float32).reshape(dataset.num_items, 3)
+    np.save(ids_npy, extra)
+    both = rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=f"sasrec+{ids_npy}", cache_dir=str(home)), dataset)
+    assert both.shape == (dataset.num_items, 11) and torch.equal(both[:, 8:], torch.from_numpy(extra))
+    np.save(ids_npy, extra[:-1])
+    with pytest.raises(RecipeError, match=r"^item_features: .*extra.npy has shape \(49, 3\); expected \(50, F\)"):
+        rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=str(ids_npy)), dataset)
+    other = make_synthetic_dataset(seed=1)  # same name, other data: the stored SASRec must be refused
+    with pytest.raises(RecipeError, match="trained on another version"):
+        rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), other)

@@ -1,0 +1,130 @@
+"""Write notebooks/03_ranking.ipynb (unexecuted; the test suite executes it).
+
+    .venv/bin/python notebooks/build_03_ranking.py
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+CELLS = [
+    new_markdown_cell("""# Ranking with the textual teacher and the embedding-token student
+
+The default checkpoints in `checkpoints/` (see the README for how they were trained):
+
+* **teacher** — SmolLM2-135M-Instruct + LoRA + a score head; reads the user's last 10 movies and every
+  candidate as text;
+* **student** — the same base model + its own LoRA + score head; each movie is **one** embedding
+  token projected from its MiniLM text embedding and its SASRec item embedding; distilled from the
+  teacher's scores.
+
+Both score all candidates of a request in one forward (a block attention mask lets each candidate
+see the user prefix and itself only). Below: one user's 20 candidates ranked by both, the prompt
+lengths, and how well the student agrees with the teacher over a few users."""),
+    new_code_cell("""import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from mixllm.data import PROTOCOLS, get_candidates, leave_one_out, load_dataset
+from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
+
+torch.set_num_threads(2)
+CHECKPOINTS = Path("..") / "checkpoints"
+dataset = load_dataset("ml-100k")
+split = leave_one_out(dataset)
+lists = get_candidates(split, PROTOCOLS["sampled-20"], "test", seed=0)  # the evaluation's cached lists
+teacher = MixLLMRanker.from_pretrained(CHECKPOINTS / "teacher", ItemCatalog(texts=dataset.item_texts))
+student = MixLLMRanker.from_pretrained(CHECKPOINTS / "student", ItemCatalog(texts=dataset.item_texts))
+print("teacher:", teacher.mode, "max history", teacher.max_history, "| student:", student.mode,
+      "item features", tuple(student.catalog.features.shape))"""),
+    new_markdown_cell("## One user, 20 candidates"),
+    new_code_cell("""def request_for(user: int) -> RankingRequest:
+    history = split.histories("test", teacher.max_history, np.array([user]))[0]
+    return RankingRequest(history=history[history >= 0].tolist(), candidates=lists.candidates[user].tolist())
+
+user = 0
+request = request_for(user)
+target = lists.candidates[user][lists.target_index[user]]
+with torch.inference_mode():
+    t_scores = teacher.score([request])[0].numpy()
+    s_scores = student.score([request])[0].numpy()
+print("history (oldest first):")
+for i in request.history:
+    print("  ", dataset.item_texts[i])
+table = pd.DataFrame({
+    "movie": [dataset.item_texts[i] for i in request.candidates],
+    "held-out target": ["<-" if i == target else "" for i in request.candidates],
+    "teacher score": t_scores.round(2), "teacher rank": (-t_scores).argsort().argsort() + 1,
+    "student score": s_scores.round(2), "student rank": (-s_scores).argsort().argsort() + 1,
+}).sort_values("teacher rank")
+table"""),
+    new_markdown_cell("""## Prompt length
+
+The teacher pays ~16 tokens per movie title (plus its separators) for every history item and every
+candidate; the student pays one token per movie."""),
+    new_code_cell("""t_tokens = teacher.prepare([request]).num_tokens[0]
+s_tokens = student.prepare([request]).num_tokens[0]
+print(f"teacher prompt: {t_tokens} tokens, student prompt: {s_tokens} tokens -> {t_tokens / s_tokens:.1f}x fewer")
+print(repr(teacher.processor.tokenizer.decode(teacher.prepare([request]).input_ids[0][:80])) + " ...")
+print(repr(student.processor.tokenizer.decode(student.prepare([request]).input_ids[0])))"""),
+    new_markdown_cell("""## Teacher–student agreement
+
+Scores of both models on the 20-candidate test lists of the first users: per-list Spearman rank
+correlation, how often both put the same movie first, and each model's HR@1 on these users (the full
+evaluation is `mixllm eval ranker`, see `reports/ml100k_rankers.md`)."""),
+    new_code_cell("""USERS = 24
+requests = [request_for(u) for u in range(USERS)]
+with torch.inference_mode():
+    start = time.perf_counter()
+    T = torch.stack(teacher.score(requests)).numpy()
+    t_time = time.perf_counter() - start
+    start = time.perf_counter()
+    S = torch.stack(student.score(requests)).numpy()
+    s_time = time.perf_counter() - start
+
+def spearman(a, b):
+    ra, rb = a.argsort().argsort(), b.argsort().argsort()
+    return np.corrcoef(ra, rb)[0, 1]
+
+rho = np.array([spearman(t, s) for t, s in zip(T, S)])
+targets = lists.target_index[:USERS]
+print(f"Spearman rho per list: median {np.median(rho):.2f} (min {rho.min():.2f}, max {rho.max():.2f})")
+print(f"same top-1 movie: {(T.argmax(1) == S.argmax(1)).mean():.2f} of lists")
+print(f"HR@1 on these {USERS} users: teacher {(T.argmax(1) == targets).mean():.2f}, "
+      f"student {(S.argmax(1) == targets).mean():.2f}")
+print(f"scoring time here: teacher {t_time:.1f}s, student {s_time:.1f}s ({t_time / s_time:.0f}x)")"""),
+    new_code_cell("""def standardize(x):
+    return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-8)
+
+fig, ax = plt.subplots(figsize=(5, 5))
+zt, zs = standardize(T), standardize(S)
+is_target = np.zeros_like(T, dtype=bool)
+is_target[np.arange(USERS), targets] = True
+ax.scatter(zt[~is_target], zs[~is_target], s=8, alpha=0.4, label="negatives")
+ax.scatter(zt[is_target], zs[is_target], s=30, color="crimson", label="held-out target")
+ax.set_xlabel("teacher score (standardized per list)")
+ax.set_ylabel("student score (standardized per list)")
+ax.set_title(f"Teacher vs student, {USERS} users x 20 candidates")
+ax.legend()
+plt.show()
+assert np.isfinite(T).all() and np.isfinite(S).all()"""),
+]
+
+
+def main() -> None:
+    notebook = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = Path(__file__).with_name("03_ranking.ipynb")
+    nbformat.write(notebook, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""``mixllm eval ranker`` (training/ranker_eval.py) on a tiny folder dataset, tiny SASRec and tiny rankers (CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixllm import cli
+from mixllm.data import PROTOCOLS, leave_one_out, load_dataset, make_synthetic_dataset
+from mixllm.data.evaluation import Ranker, RankingBatch, make_batch
+from mixllm.errors import MixLLMError
+from mixllm.ranking import ItemCatalog, MixLLMRanker
+from training import ranker_eval
+from training.ranker_eval import FaissRetriever, LLMRanker, full_ranking_metrics, per_user_metrics
+from training.rankers import RankerRecipe, load_or_train_sasrec, train_ranker
+
+DATASET_NAME = "tinyrank"
+NUM_ITEMS = 160  # sampled-100 needs 99 never-interacted negatives per user
+NUM_USERS = 24
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A folder dataset, its tiny SASRec in the cache, a tiny teacher, a distilled and a labels-only student."""
+    from training.sasrec import SASRecTrainConfig, train_sasrec
+
+    root = tmp_path_factory.mktemp("ranker_eval")
+    folder = root / DATASET_NAME
+    folder.mkdir()
+    synthetic = make_synthetic_dataset(num_users=NUM_USERS, num_items=NUM_ITEMS, pattern="next-item", seed=SEED)
+    inter, items = synthetic.interactions, synthetic.items
+    item_ids = items["item_id"].to_numpy()
+    inter_frame = inter.assign(user_id=synthetic.user_ids[inter["user_idx"].to_numpy()],
+                               item_id=item_ids[inter["item_idx"].to_numpy()])[["user_id", "item_id", "timestamp", "rating"]]
+    inter_frame.to_csv(folder / "interactions.csv", index=False)
+    items[["item_id", "text"]].to_csv(folder / "items.csv", index=False)
+    dataset = load_dataset(folder)
+    assert dataset.name == DATASET_NAME and dataset.num_items == NUM_ITEMS and dataset.num_users == NUM_USERS
+
+    cache = root / "cache"
+    split = leave_one_out(dataset)
+    sasrec, _ = train_sasrec(split, SASRecTrainConfig.from_yaml("sasrec_tiny.yaml"), SEED, progress_bar=False)
+    sasrec_dir = cache / "checkpoints" / f"sasrec-{DATASET_NAME}-seed{SEED}"
+    sasrec.save_pretrained(sasrec_dir, provenance={"dataset": DATASET_NAME, "dataset_fingerprint": dataset.fingerprint(),
+                                                   "seed": SEED})
+
+    def recipe(name: str, out: str, **overrides) -> RankerRecipe:
+        return RankerRecipe.from_yaml(name, dataset=str(folder), cache_dir=str(cache), output_dir=str(root / out),
+                                      progress_bar=False, max_steps=2, **overrides)
+
+    teacher = train_ranker(recipe("teacher_tiny.yaml", "teacher")).ranker_dir
+    student = train_ranker(recipe("student_tiny.yaml", "student", teacher_checkpoint=str(teacher),
+                                  teacher_scores=str(root / "teacher_scores.pt"))).ranker_dir
+    # A different history length (3 vs 4): the side-by-side speed run must give each model its own H.
+    labels = train_ranker(recipe("student_tiny.yaml", "labels", alpha=0.0, teacher_scores=None, teacher_checkpoint=None,
+                                 history_length=3)).ranker_dir
+    return {"root": root, "folder": folder, "cache": cache, "dataset": dataset, "split": split,
+            "teacher": teacher, "student": student, "labels": labels}
+
+
+def _sasrec(setup):
+    model = load_or_train_sasrec(setup["dataset"], SEED, str(setup["cache"]), progress=False)
+    assert model.config.max_len == 8  # the fixture's tiny model, not a freshly trained default one
+    return model
+
+
+def _args(setup, *extra: str, checkpoints: list[str] | None = None, output: Path | None = None) -> list[str]:
+    checkpoints = checkpoints or [str(setup["teacher"]), str(setup["student"]), str(setup["labels"])]
+    output = output or setup["root"] / "report" / "rankers.json"
+    return ["eval", "ranker", "--checkpoint", *checkpoints, "--dataset", str(setup["folder"]), "--cache-dir",
+            str(setup["cache"]), "--output", str(output), "--seed", str(SEED), "--no-progress", "--threads", "1",
+            "--device", "cpu", *extra]
+
+
+# --- end to end ----------------------------------------------------------------------------------
+T20, T100, SPEED_REQUESTS, SPEED_BATCH, RETRIEVE = 5, 3, 3, 4, 30
+
+
+@pytest.fixture(scope="module")
+def report(setup):
+    output = setup["root"] / "report" / "rankers.json"
+    code = cli.main(_args(setup, "--teacher-users-20", str(T20), "--teacher-users-100", str(T100), "--speed-requests",
+                          str(SPEED_REQUESTS), "--speed-batch-size", str(SPEED_BATCH), "--retrieve", str(RETRIEVE),
+                          "--batch-size", "4", output=output))
+    assert code == 0
+    return json.loads(output.read_text()), output
+
+
+def test_cli_report_rows_users_and_metrics(setup, report):
+    data, output = report
+    rows = {row["name"]: row for row in data["rankers"]}
+    names = ["Popularity", "SASRec (H=8)", "teacher", "student (distilled, ids)", "student (labels only, ids)"]
+    assert list(rows) == names
+    assert data["users"] == NUM_USERS and data["dataset"]["name"] == DATASET_NAME
+    assert data["teacher_users"] == {"sampled-20": T20, "sampled-100": T100, "full": T100}
+    assert [rows[n]["kind"] for n in names] == ["popularity", "sasrec", "teacher", "student", "student"]
+    assert rows["student (labels only, ids)"]["history_length"] == 3 and rows["teacher"]["history_length"] == 4
+    for name, row in rows.items():
+        teacher = name == "teacher"
+        expected_users = {"sampled-20": T20, "sampled-100": T100, "full": T100} if teacher else dict.fromkeys(
+            ("sampled-20", "sampled-100", "full"), NUM_USERS)
+        assert row["users"] == expected_users, name
+        for key in ("metrics", "metrics_common_users"):
+            assert set(row[key]) == {"sampled-20", "sampled-100", "full"}
+            for protocol, values in row[key].items():
+                assert set(values) == set(PROTOCOLS[protocol].metrics), (name, protocol)
+                assert all(0.0 <= v <= 1.0 for v in values.values()), (name, key, protocol, values)
+        if teacher:  # the teacher is scored on exactly the common users
+            assert row["metrics"] == row["metrics_common_users"]
+    assert set(data["retrieval"]) >= {"method", "k", f"recall@{RETRIEVE}"} and data["retrieval"]["k"] == RETRIEVE
+
+    # Every LLM row's full-ranking recall is bounded by retrieval recall on the same users.
+    recall = data["retrieval"][f"recall@{RETRIEVE}"]
+    for name in names[2:]:
+        if rows[name]["users"]["full"] == NUM_USERS:
+            assert rows[name]["metrics"]["full"]["recall@20"] <= recall + 1e-9
+
+    markdown = output.with_suffix(".md")
+    assert markdown.is_file()
+    text = markdown.read_text()
+    assert all(name in text for name in names)
+
+
+def test_cli_metrics_match_an_independent_recomputation(setup, report):
+    """Row metrics are means over all users; common-user metrics are means over the first N users."""
+    data, _ = report
+    rows = {row["name"]: row for row in data["rankers"]}
+    split = setup["split"]
+    cache = str(setup["cache"])
+    sasrec = _sasrec(setup)
+    retriever = FaissRetriever(sasrec)
+    from mixllm.baselines import PopularityRanker
+
+    shared = {"sampled-20": T20, "sampled-100": T100, "full": T100}
+    popularity = PopularityRanker.fit(split)
+    for protocol in ("sampled-20", "sampled-100", "full"):
+        values = per_user_metrics(popularity, split, protocol, np.arange(NUM_USERS), SEED, cache, retriever, RETRIEVE,
+                                  chunk=7, progress=False)  # fmt: skip
+        for metric, per_user in values.items():
+            assert len(per_user) == NUM_USERS
+            assert rows["Popularity"]["metrics"][protocol][metric] == pytest.approx(per_user.mean(), abs=1e-6)
+            assert rows["Popularity"]["metrics_common_users"][protocol][metric] == pytest.approx(
+                per_user[: shared[protocol]].mean(), abs=1e-6)
+
+    # An LLM row through the retriever: the distilled student on full ranking, and on sampled-20.
+    student = LLMRanker(MixLLMRanker.from_pretrained(setup["student"], ItemCatalog(texts=setup["dataset"].item_texts)),
+                        "student", batch_size=4)
+    for protocol in ("sampled-20", "full"):
+        if protocol == "full":  # SASRec's retrieval reads SASRec's own history length
+            values, _ = full_ranking_metrics(student, retriever, split, np.arange(NUM_USERS), RETRIEVE, sasrec.config.max_len)
+            values = {name: value.numpy() for name, value in values.items()}
+        else:
+            values = per_user_metrics(student, split, protocol, np.arange(NUM_USERS), SEED, cache, retriever, RETRIEVE,
+                                      chunk=5, progress=False)  # fmt: skip
+        row = rows["student (distilled, ids)"]
+        for metric, per_user in values.items():
+            assert row["metrics"][protocol][metric] == pytest.approx(per_user.mean(), abs=1e-5), (protocol, metric)
+            assert row["metrics_common_users"][protocol][metric] == pytest.approx(per_user[: shared[protocol]].mean(),
+                                                                                  abs=1e-5), (protocol, metric)
+
+    # The reported retrieval recall is the hit rate of the FAISS top-k over all test users.
+    targets = split.targets("test")
+    allowed = ~split.interaction_mask(np.arange(NUM_USERS))
+    allowed[np.arange(NUM_USERS), targets] = True
+    history = torch.from_numpy(split.histories("test", sasrec.config.max_len))
+    retrieved = retriever.top_k(history, allowed, RETRIEVE)
+    assert data["retrieval"][f"recall@{RETRIEVE}"] == pytest.approx((retrieved == targets[:, None]).any(1).mean())
+
+
+def test_cli_speed_and_targets(setup, report):
+    data, _ = report
+    rows = {row["name"]: row for row in data["rankers"]}
+    for name in ("Popularity", "SASRec (H=8)"):
+        assert "speed" not in rows[name]
+    for name in ("teacher", "student (distilled, ids)", "student (labels only, ids)"):
+        speed = rows[name]["speed"]
+        assert speed["requests_per_s"] > 0 and speed["candidates_per_s"] > 0 and speed["prompt_tokens_per_request"] > 0
+        # 3 requests in batches of 4: one batch of 3 requests; the rate counts the requests actually timed
+        assert len(speed["batch_times_s"]) == 1
+        assert speed["requests_per_s"] * speed["median_batch_s"] == pytest.approx(SPEED_REQUESTS)
+        assert speed["candidates_per_s"] * speed["median_batch_s"] == pytest.approx(SPEED_REQUESTS * 20)
+    teacher_tokens = rows["teacher"]["speed"]["prompt_tokens_per_request"]
+    student_tokens = rows["student (distilled, ids)"]["speed"]["prompt_tokens_per_request"]
+    assert teacher_tokens > student_tokens
+    # the H=3 student reads fewer history items than the H=4 student on the same requests
+    assert rows["student (labels only, ids)"]["speed"]["prompt_tokens_per_request"] < student_tokens
+    assert data["speed_setup"]["requests"] == SPEED_REQUESTS and data["speed_setup"]["batch_size"] == SPEED_BATCH
+
+    targets = data["targets"]
+    assert set(targets) == {"prompt_tokens_ratio", "throughput_ratio", "hr1_vs_teacher", "hr1_vs_sasrec",
+                            "distilled_vs_labels_only"}
+    assert targets["prompt_tokens_ratio"]["value"] == pytest.approx(teacher_tokens / student_tokens)
+    assert targets["prompt_tokens_ratio"]["met"] == (teacher_tokens / student_tokens >= 10)
+    distilled, labels = rows["student (distilled, ids)"], rows["student (labels only, ids)"]
+    assert targets["distilled_vs_labels_only"]["distilled"] == distilled["metrics"]["sampled-20"]["hr@1"]
+    assert targets["distilled_vs_labels_only"]["labels_only"] == labels["metrics"]["sampled-20"]["hr@1"]
+    assert targets["hr1_vs_teacher"]["teacher"] == rows["teacher"]["metrics_common_users"]["sampled-20"]["hr@1"]
+    assert targets["hr1_vs_teacher"]["student"] == distilled["metrics_common_users"]["sampled-20"]["hr@1"]
+    assert targets["hr1_vs_sasrec"]["sasrec"] == rows["SASRec (H=8)"]["metrics"]["sampled-20"]["hr@1"]
+    for value in targets.values():
+        assert isinstance(value["met"], bool)
+
+
+# --- retrieval and full ranking ------------------------------------------------------------------
+def test_faiss_top_k_is_the_masked_sasrec_top_k(setup):
+    split = setup["split"]
+    sasrec = _sasrec(setup)
+    retriever = FaissRetriever(sasrec)
+    users = np.arange(NUM_USERS)
+    history = torch.from_numpy(split.histories("test", sasrec.config.max_len, users))
+    with torch.no_grad():
+        scores = sasrec.score_all(make_batch(split, "test", users, sasrec.config.max_len)).float()  # (U, N)
+    rng = np.random.default_rng(0)
+    full_mask = ~split.interaction_mask(users)
+    # the unconstrained best items banned for half the users: top_k must search past them
+    banned = full_mask.copy()
+    banned[np.arange(0, NUM_USERS, 2)[:, None], scores.topk(40, dim=1).indices[::2].numpy()] = False
+    for allowed in (full_mask, rng.random((NUM_USERS, NUM_ITEMS)) < 0.3, banned):
+        for k in (1, 10, 25):
+            got = retriever.top_k(history, allowed, k)
+            assert got.shape == (NUM_USERS, k) and got.dtype == np.int64
+            assert allowed[np.arange(NUM_USERS)[:, None], got].all()  # only allowed items
+            assert all(len(set(row)) == k for row in got.tolist())  # no repeats
+            masked = scores.masked_fill(~torch.from_numpy(allowed), float("-inf"))
+            best = masked.topk(k, dim=1)
+            # same order up to ties: the scores at each rank agree, and distinct scores give the same items
+            torch.testing.assert_close(scores.gather(1, torch.from_numpy(got)), best.values, rtol=1e-5, atol=1e-5)
+            gaps = torch.cat([best.values[:, :-1] - best.values[:, 1:], torch.full((NUM_USERS, 1), float("inf"))], 1)
+            lead = torch.cat([torch.full((NUM_USERS, 1), float("inf")), gaps[:, :-1]], 1)
+            clear = (gaps > 1e-4) & (lead > 1e-4)
+            assert torch.equal(torch.from_numpy(got)[clear], best.indices[clear])
+    with pytest.raises(MixLLMError, match="--retrieve"):
+        retriever.top_k(history, rng.random((NUM_USERS, NUM_ITEMS)) < 0.05, 60)
+
+
+class _TargetScorer(Ranker):
+    """Scores ``target_score`` for the user's test target and ``other`` for every other candidate."""
+
+    max_history = 4
+
+    def __init__(self, targets: np.ndarray, target_score: float, other: float = 0.0) -> None:
+        self.targets, self.target_score, self.other = torch.from_numpy(targets), target_score, other
+        self.seen: list[torch.Tensor] = []
+
+    def score(self, batch: RankingBatch) -> torch.Tensor:
+        self.seen.append(batch.candidates)
+        is_target = batch.candidates == self.targets[batch.users].unsqueeze(1)
+        return torch.where(is_target, self.target_score, self.other).float()
+
+
+def test_full_ranking_oracle_constant_and_adversarial_rerankers(setup):
+    split = setup["split"]
+    sasrec = _sasrec(setup)
+    retriever = FaissRetriever(sasrec)
+    users = np.arange(NUM_USERS)
+    targets = split.targets("test")
+    for k in (10, 30):  # 30 retrieves most targets, 10 misses some: both must occur across k
+        oracle = _TargetScorer(targets, 1.0)
+        values, hit = full_ranking_metrics(oracle, retriever, split, users, k, sasrec.config.max_len)
+        assert set(values) == set(PROTOCOLS["full"].metrics) and hit.shape == (NUM_USERS,)
+        retrieved = oracle.seen[-1]
+        assert retrieved.shape == (NUM_USERS, k)
+        assert torch.equal(hit, (retrieved == torch.from_numpy(targets)[:, None]).any(1))
+        # the reranker sees the retriever's items for the same users
+        history = torch.from_numpy(split.histories("test", sasrec.config.max_len, users))
+        allowed = ~split.interaction_mask(users)
+        allowed[users, targets] = True
+        assert torch.equal(retrieved, torch.from_numpy(retriever.top_k(history, allowed, k)))
+        # oracle: a retrieved target ranks first, a missed one is a miss
+        for name in ("recall@10", "recall@20", "ndcg@10"):
+            assert torch.equal(values[name].double(), hit.double()), (k, name)
+        # constant reranker: the target is tied with the k-1 other retrieved items (expected rank)
+        flat, hit_flat = full_ranking_metrics(_TargetScorer(targets, 0.0), retriever, split, users, k, sasrec.config.max_len)
+        assert torch.equal(hit_flat, hit)
+        torch.testing.assert_close(flat["recall@10"].double(), hit.double() * min(10, k) / k)
+        if k == 10:
+            assert hit.any() and not hit.all()  # both cases are exercised
+
+    # adversarial: the target scores lowest among more than 20 retrieved items -> nothing in the top 20
+    worst, hit = full_ranking_metrics(_TargetScorer(targets, -1.0), retriever, split, users, 30, sasrec.config.max_len)
+    assert hit.any()
+    for name in ("recall@10", "recall@20", "ndcg@10"):
+        assert torch.count_nonzero(worst[name]) == 0, name
+    # lowest of 21 retrieved items: rank 20, just outside recall@20
+    worst21, _ = full_ranking_metrics(_TargetScorer(targets, -1.0), retriever, split, users, 21, sasrec.config.max_len)
+    assert torch.count_nonzero(worst21["recall@20"]) == 0
+
+
+# --- bad input -----------------------------------------------------------------------------------
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
+
+
+def _one_error_line(capsys, loaded_models: bool = False) -> str:
+    """The one stderr line of a refused command (log records reach stderr only where pytest's logging
+    plugin is off; transformers' "Loading weights" bars appear where checkpoints were loaded first)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    if loaded_models:
+        lines = [line for line in lines if not line.startswith("Loading weights")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mixllm: error: ")
+    return lines[0]
+
+
+def test_missing_checkpoint_exits_2_naming_the_path(setup, tmp_path, capsys):
+    missing = tmp_path / "nonexistent"
+    code = cli.main(_args(setup, checkpoints=[str(missing)], output=tmp_path / "r.json"))
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert str(missing) in line and "--checkpoint" in line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_duplicate_row_names_exit_2_naming_the_option(setup, tmp_path, capsys):
+    student = str(setup["student"])
+    code = cli.main(_args(setup, checkpoints=[student, student], output=tmp_path / "r.json"))
+    assert code == 2
+    assert "--checkpoint NAME=PATH" in _one_error_line(capsys, loaded_models=True)
+    # a NAME=PATH clashing with a baseline row
+    code = cli.main(_args(setup, checkpoints=[f"Popularity={student}"], output=tmp_path / "r.json"))
+    assert code == 2
+    assert "Popularity" in _one_error_line(capsys, loaded_models=True)
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("option", ["--teacher-users-20", "--teacher-users-100", "--speed-requests", "--retrieve"])
+def test_non_positive_limits_exit_2_naming_the_option(setup, tmp_path, capsys, option):
+    code = cli.main(_args(setup, option, "0", output=tmp_path / "r.json"))
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert f"{option} must be >= 1" in line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_checkpoint_spec_and_device(setup, tmp_path, capsys):
+    code = cli.main(_args(setup, checkpoints=["=nowhere"], output=tmp_path / "r.json"))
+    assert code == 2 and "--checkpoint '=nowhere'" in _one_error_line(capsys)
+    code = cli.main(_args(setup, output=tmp_path / "r.json")[:-2] + ["--device", "tpu"])
+    assert code == 2 and "--device" in _one_error_line(capsys)
+    assert isinstance(ranker_eval.EvalError("x"), MixLLMError)

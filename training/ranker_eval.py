@@ -1,0 +1,492 @@
+"""``mixllm eval ranker``: the Mix-LLM rankers next to the baselines — quality and speed in one report.
+
+    mixllm eval ranker --checkpoint checkpoints/teacher checkpoints/student runs/student_labels/ranker
+
+Every row is scored on the evaluation issue's protocols for the **test** targets, with the same
+cached candidate lists (``mixllm.data.get_candidates``, seed ``--seed``):
+
+* ``sampled-20`` (HR@1, NDCG@5, MRR) and ``sampled-100`` (HR@10, NDCG@10): the LLM ranker scores the
+  listed candidates in one forward per request;
+* ``full``: an LLM ranker cannot score 1,682 items per user, so the catalog is first cut to the top
+  ``--retrieve`` (100) by FAISS inner-product search over the SASRec item embeddings with the
+  SASRec user vector (among the same items the full-ranking protocol ranks: everything the user
+  never interacted with, plus the target), then the LLM reranks those; items outside the top 100
+  rank below them (a target missed by retrieval counts as a miss). The retrieval's recall@100 is
+  reported: no reranker can beat it.
+
+The textual teacher is ~15x slower than the student on CPU, so ``--teacher-users-20`` and
+``--teacher-users-100`` limit it to the first N test users; every row also reports its metrics on
+exactly those users ("common users"), which is where teacher and students are compared.
+
+Speed is measured side by side: the first ``--speed-requests`` sampled-20 test requests, in
+batches of ``--speed-batch-size``, fp32, the models taking turns batch by batch (so machine noise
+hits both alike); requests/s and candidates/s are from the median batch time. Peak memory is the
+process's peak resident memory while one model scores those requests (Linux ``VmHWM``, reset
+before each model), above what was resident before; on a GPU, ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixllm.data import PAD, PROTOCOLS, LeaveOneOutSplit, get_candidates, leave_one_out, load_dataset
+from mixllm.data.evaluation import Ranker, RankingBatch, make_batch
+from mixllm.errors import MixLLMError
+from mixllm.metrics import ranking_metrics
+from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"
+PROTOCOL_ORDER = ("sampled-20", "sampled-100", "full")
+TABLE_COLUMNS = (("sampled-20", "hr@1"), ("sampled-20", "ndcg@5"), ("sampled-100", "ndcg@10"), ("full", "ndcg@10"),
+                 ("full", "recall@20"))  # fmt: skip
+
+
+class EvalError(MixLLMError, ValueError):
+    """Bad ``mixllm eval ranker`` arguments (the message names the option)."""
+
+
+# --- rankers under evaluation --------------------------------------------------------------------
+class LLMRanker(Ranker):
+    """A :class:`MixLLMRanker` behind the evaluator's :class:`Ranker` interface."""
+
+    supports_full_ranking = False
+
+    def __init__(self, ranker: MixLLMRanker, name: str, batch_size: int = 8) -> None:
+        self.ranker, self.name, self.batch_size = ranker.eval(), name, batch_size
+        self.max_history = ranker.max_history or 10
+
+    def requests(self, batch: RankingBatch) -> list[RankingRequest]:
+        return [
+            RankingRequest(history=h[h != PAD].tolist(), candidates=c.tolist())
+            for h, c in zip(batch.history[:, -self.max_history :], batch.candidates)
+        ]
+
+    @torch.inference_mode()
+    def score(self, batch: RankingBatch) -> torch.Tensor:
+        requests = self.requests(batch)
+        device = next(self.ranker.parameters()).device
+        out = [
+            self.ranker(self.ranker.prepare(requests[i : i + self.batch_size]).to(device)).float().cpu()
+            for i in range(0, len(requests), self.batch_size)
+        ]
+        return torch.cat(out)  # (B, C)
+
+
+class FaissRetriever:
+    """Top-k items by inner product between SASRec's user vector and its item embeddings (FAISS)."""
+
+    def __init__(self, sasrec) -> None:
+        import faiss
+
+        self.sasrec = sasrec.eval()
+        items = sasrec.item_embeddings().detach().float().contiguous().numpy()
+        self.index = faiss.IndexFlatIP(items.shape[1])
+        self.index.add(items)
+        self.num_items = items.shape[0]
+
+    @torch.inference_mode()
+    def top_k(self, history: torch.Tensor, allowed: np.ndarray, k: int) -> np.ndarray:
+        """(B, k) item ids, best first, drawn only from ``allowed`` (B, N) bool."""
+        queries = self.sasrec.user_vectors(history).float().contiguous().numpy()  # (B, D)
+        excluded = int((~allowed).sum(1).max())
+        _, ids = self.index.search(queries, min(self.num_items, k + excluded))  # (B, k + excluded)
+        out = np.empty((len(ids), k), dtype=np.int64)
+        for row, (found, ok) in enumerate(zip(ids, allowed)):
+            kept = found[(found >= 0)]
+            kept = kept[ok[kept]][:k]
+            if len(kept) < k:
+                raise MixLLMError(f"retrieval found only {len(kept)} allowed items for a user; --retrieve {k} is too large")
+            out[row] = kept
+        return out
+
+
+def full_ranking_metrics(reranker: Ranker, retriever: FaissRetriever, split: LeaveOneOutSplit, users: np.ndarray,
+                         k: int, retrieval_history: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-user full-ranking metrics of ``reranker`` over ``retriever``'s top ``k``, and (B,) bool
+    whether the target was retrieved at all."""
+    protocol = PROTOCOLS["full"]
+    targets = torch.from_numpy(split.targets(SPLIT)[users])
+    allowed = ~split.interaction_mask(users)
+    allowed[np.arange(len(users)), targets.numpy()] = True
+    history = torch.from_numpy(split.histories(SPLIT, retrieval_history, users))
+    retrieved = torch.from_numpy(retriever.top_k(history, allowed, k))  # (B, k)
+    scores = reranker.score(make_batch(split, SPLIT, users, reranker.max_history, retrieved))  # (B, k)
+    full = torch.full((len(users), split.num_items), float("-inf"))
+    # Below every reranked item, the rest keep no order among themselves (ties = expected rank).
+    full.scatter_(1, retrieved, scores.float())
+    hit = (retrieved == targets.unsqueeze(1)).any(1)
+    values = ranking_metrics(full, targets, protocol.metrics, torch.from_numpy(allowed))
+    # A target missed by retrieval is a miss (with --retrieve below a cut-off, its expected rank
+    # among the unordered rest would otherwise earn partial credit).
+    return {name: torch.where(hit, value, torch.zeros_like(value)) for name, value in values.items()}, hit
+
+
+def sampled_metrics(ranker: Ranker, split: LeaveOneOutSplit, protocol: str, users: np.ndarray, seed: int,
+                    cache_dir: str | None) -> dict[str, torch.Tensor]:
+    cache = None if cache_dir is None else Path(cache_dir) / "candidates"
+    lists = get_candidates(split, PROTOCOLS[protocol], SPLIT, seed, cache)
+    batch = make_batch(split, SPLIT, users, ranker.max_history, lists.candidates[users])
+    with torch.inference_mode():
+        scores = ranker.score(batch)
+    return ranking_metrics(scores.float(), torch.from_numpy(lists.target_index[users]), PROTOCOLS[protocol].metrics)
+
+
+def per_user_metrics(ranker: Ranker, split: LeaveOneOutSplit, protocol: str, users: np.ndarray, seed: int,
+                     cache_dir: str | None, retriever: FaissRetriever | None, k: int, chunk: int = 64,
+                     progress: bool = True) -> dict[str, np.ndarray]:
+    """{metric: (len(users),)} for one protocol, scored ``chunk`` users at a time with a progress bar."""
+    from tqdm.auto import tqdm
+
+    parts: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=len(users), desc=f"{ranker.name} {protocol}", unit="user", disable=not progress, leave=False)
+    for start in range(0, len(users), chunk):
+        block = users[start : start + chunk]
+        if protocol != "full":
+            values = sampled_metrics(ranker, split, protocol, block, seed, cache_dir)
+        elif ranker.supports_full_ranking:  # the baselines rank the whole catalog themselves
+            batch = make_batch(split, SPLIT, block, ranker.max_history)
+            with torch.inference_mode():
+                scores = ranker.score_all(batch).float()
+            targets = torch.from_numpy(split.targets(SPLIT)[block])
+            allowed = torch.from_numpy(~split.interaction_mask(block))
+            allowed[torch.arange(len(block)), targets] = True
+            values = ranking_metrics(scores, targets, PROTOCOLS["full"].metrics, allowed)
+        else:
+            values, _ = full_ranking_metrics(ranker, retriever, split, block, k, retriever.sasrec.config.max_len)
+        for name, value in values.items():
+            parts.setdefault(name, []).append(value.float().numpy())
+        bar.update(len(block))
+    bar.close()
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+# --- speed ---------------------------------------------------------------------------------------
+def _rss_mb(field_name: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class SpeedResult:
+    batch_times_s: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""
+
+
+@torch.inference_mode()
+def measure_speed(rankers: list[LLMRanker], requests: list[RankingRequest], batch_size: int,
+                  device: torch.device) -> dict[str, SpeedResult]:
+    """Time ``prepare`` + forward per batch for every ranker, taking turns batch by batch; then
+    each ranker's peak memory over one pass on its own."""
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    # Each ranker reads its own max_history most recent items of the same requests.
+    own = {r.name: [[RankingRequest(history=q.history[-r.max_history :], candidates=q.candidates) for q in b]
+                    for b in batches] for r in rankers}  # fmt: skip
+    results = {r.name: SpeedResult() for r in rankers}
+    for r in rankers:  # warm-up: first-call allocations and kernel choices stay out of the timings
+        r.ranker(r.ranker.prepare(own[r.name][0]).to(device))
+    for index in range(len(batches)):
+        for r in rankers:
+            _sync(device)
+            start = time.perf_counter()
+            inputs = r.ranker.prepare(own[r.name][index]).to(device)
+            r.ranker(inputs)
+            _sync(device)
+            results[r.name].batch_times_s.append(time.perf_counter() - start)
+            results[r.name].prompt_tokens.extend(inputs.num_tokens)
+    for r in rankers:
+        res = results[r.name]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            for batch in own[r.name]:
+                r.ranker(r.ranker.prepare(batch).to(device))
+            res.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            res.memory_kind = "CUDA peak allocated above the loaded models"
+        elif _reset_peak_rss():
+            base = _rss_mb("VmRSS")
+            for batch in own[r.name]:
+                r.ranker(r.ranker.prepare(batch).to(device))
+            peak = _rss_mb("VmHWM")
+            if base is not None and peak is not None:
+                res.peak_memory_mb = peak - base
+                res.memory_kind = "peak RSS above the resident models (VmHWM)"
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the command ---------------------------------------------------------------------------------
+def _parse_checkpoint(spec: str) -> tuple[str | None, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep:
+        return None, Path(spec)
+    if not name or not path:
+        raise EvalError(f"--checkpoint {spec!r}: expected PATH or NAME=PATH")
+    return name, Path(path)
+
+
+def _default_name(ranker: MixLLMRanker, run: dict) -> str:
+    if ranker.mode == "teacher":
+        return "teacher"
+    recipe = run.get("recipe", {})
+    kind = "distilled" if recipe.get("alpha", 0) > 0 else "labels only"
+    features = recipe.get("item_features")
+    return f"student ({kind}{', ' + features if features and features != 'minilm+sasrec' else ''})"
+
+
+def _trained_parameters(ranker: MixLLMRanker) -> int:
+    """Numbers the checkpoint stores (adapters, projector, encoders, score head)."""
+    head = 0 if ranker.score_head is None else sum(p.numel() for p in ranker.score_head.parameters())
+    return int(sum(t.numel() for t in ranker.model.trainable_state_dict().values())) + head
+
+
+def load_checkpoint(path: Path, item_texts: list[str]) -> tuple[MixLLMRanker, dict]:
+    if not path.is_dir():
+        raise EvalError(f"--checkpoint {path}: no such directory")
+    run_file = path / "training_run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    ranker = MixLLMRanker.from_pretrained(path, ItemCatalog(texts=item_texts))
+    if ranker.catalog.num_items != len(item_texts):
+        raise EvalError(f"--checkpoint {path}: its catalog has {ranker.catalog.num_items} items, the dataset {len(item_texts)}")
+    return ranker, run
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from mixllm.baselines import PopularityRanker
+    from training.baselines import _git_revision, machine_info
+    from training.rankers import load_or_train_sasrec
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for option in ("teacher_users_20", "teacher_users_100", "max_users", "speed_requests", "speed_batch_size", "retrieve"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise EvalError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise EvalError(f"--device must be cpu, cuda or auto, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {args.device}: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    dataset = load_dataset(args.dataset)
+    split = leave_one_out(dataset)
+    n_users = split.num_users if args.max_users is None else min(args.max_users, split.num_users)
+    t20 = min(args.teacher_users_20, n_users)
+    t100 = min(args.teacher_users_100, n_users)
+    sasrec = load_or_train_sasrec(dataset, args.seed, args.cache_dir, progress=not args.no_progress)
+    retriever = FaissRetriever(sasrec)
+
+    entries: list[tuple[Ranker, dict[str, Any]]] = [
+        (PopularityRanker.fit(split), {"name": "Popularity", "kind": "popularity"}),
+        (sasrec, {"name": f"SASRec (H={sasrec.config.max_len})", "kind": "sasrec",
+                  "checkpoint": f"$MIXLLM_HOME/checkpoints/sasrec-{dataset.name}-seed{args.seed}"}),
+    ]  # fmt: skip
+    llm_rankers: list[LLMRanker] = []
+    for spec in args.checkpoint:
+        name, path = _parse_checkpoint(spec)
+        ranker, run = load_checkpoint(path, dataset.item_texts)
+        ranker.to(device)
+        wrapped = LLMRanker(ranker, name or _default_name(ranker, run), args.batch_size)
+        llm_rankers.append(wrapped)
+        recipe = run.get("recipe", {})
+        entries.append((wrapped, {
+            "name": wrapped.name, "kind": ranker.mode, "checkpoint": str(path),
+            "training": {"recipe": recipe, "train_time_s": run.get("train_time_s"), "global_step": run.get("global_step"),
+                         "train_lists": run.get("train_lists"), "val_metrics": run.get("metrics"),
+                         "git_revision": run.get("git_revision")},
+            "trained_parameters": _trained_parameters(ranker),
+        }))  # fmt: skip
+    names = [meta["name"] for _, meta in entries]
+    if len(set(names)) != len(names):
+        raise EvalError(f"two rows would be called the same ({names}); name them with --checkpoint NAME=PATH")
+
+    rows = []
+    for ranker, meta in entries:
+        is_teacher = meta["kind"] == "teacher"
+        limits = {"sampled-20": t20 if is_teacher else n_users, "sampled-100": t100 if is_teacher else n_users,
+                  "full": t100 if is_teacher else n_users}  # fmt: skip
+        metrics, common, users, times = {}, {}, {}, {}
+        for protocol in PROTOCOL_ORDER:
+            chosen = np.arange(limits[protocol])
+            start = time.perf_counter()
+            values = per_user_metrics(ranker, split, protocol, chosen, args.seed, args.cache_dir, retriever,
+                                      args.retrieve, progress=not args.no_progress)  # fmt: skip
+            times[protocol] = time.perf_counter() - start
+            shared = t20 if protocol == "sampled-20" else t100
+            metrics[protocol] = {m: float(v.mean()) for m, v in values.items()}
+            common[protocol] = {m: float(v[:shared].mean()) for m, v in values.items()}
+            users[protocol] = len(chosen)
+            log.info("%s %s (%d users, %.0fs): %s", meta["name"], protocol, len(chosen), times[protocol],
+                     ", ".join(f"{m} {v:.4f}" for m, v in metrics[protocol].items()))  # fmt: skip
+        rows.append({**meta, "history_length": ranker.max_history, "users": users, "metrics": metrics,
+                     "metrics_common_users": common, "eval_time_s": times})  # fmt: skip
+
+    # Retrieval recall@k (the ceiling of every reranker's full-ranking recall).
+    users_all = np.arange(n_users)
+    targets = split.targets(SPLIT)[users_all]
+    allowed = ~split.interaction_mask(users_all)
+    allowed[users_all, targets] = True
+    history = torch.from_numpy(split.histories(SPLIT, sasrec.config.max_len, users_all))
+    retrieved = retriever.top_k(history, allowed, args.retrieve)
+    recall = float((retrieved == targets[:, None]).any(1).mean())
+
+    speed = {}
+    if llm_rankers:
+        lists = get_candidates(split, PROTOCOLS["sampled-20"], SPLIT, args.seed,
+                               None if args.cache_dir is None else Path(args.cache_dir) / "candidates")  # fmt: skip
+        speed_users = np.arange(min(args.speed_requests, split.num_users))
+        batch = make_batch(split, SPLIT, speed_users, max(r.max_history for r in llm_rankers), lists.candidates[speed_users])
+        longest = max(llm_rankers, key=lambda r: r.max_history)
+        results = measure_speed(llm_rankers, longest.requests(batch), args.speed_batch_size, device)
+        per_batch = min(args.speed_batch_size, len(speed_users))  # requests in a (full) timed batch
+        for r in llm_rankers:
+            res = results[r.name]
+            median = statistics.median(res.batch_times_s)
+            speed[r.name] = {
+                "requests_per_s": per_batch / median, "candidates_per_s": per_batch * 20 / median,
+                "median_batch_s": median, "batch_times_s": res.batch_times_s,
+                "prompt_tokens_per_request": float(np.mean(res.prompt_tokens)), "peak_memory_mb": res.peak_memory_mb,
+                "memory": res.memory_kind,
+            }  # fmt: skip
+        for row in rows:
+            if row["name"] in speed:
+                row["speed"] = speed[row["name"]]
+
+    report = {
+        "command": " ".join(["mixllm", "eval", "ranker", *sys.argv[3:]]) if sys.argv[1:3] == ["eval", "ranker"] else None,
+        "git_revision": _git_revision(), "machine": {**machine_info(), "device": str(device)},
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint()}, "split": SPLIT, "seed": args.seed,
+        "users": n_users, "teacher_users": {"sampled-20": t20, "sampled-100": t100, "full": t100},
+        "retrieval": {"method": f"faiss.IndexFlatIP over SASRec item embeddings (seed {args.seed}), SASRec user vector",
+                      "k": args.retrieve, f"recall@{args.retrieve}": recall},
+        "speed_setup": {"requests": int(min(args.speed_requests, split.num_users)), "batch_size": args.speed_batch_size,
+                        "candidates_per_request": 20, "precision": "fp32", "threads": torch.get_num_threads(),
+                        "python": platform.python_version()},
+        "rankers": rows,
+    }  # fmt: skip
+    report["targets"] = check_targets(report)
+    return report
+
+
+def _find(rows: list[dict], kind: str, distilled: bool | None = None) -> dict | None:
+    for row in rows:
+        if row["kind"] != kind:
+            continue
+        if distilled is None:
+            return row
+        alpha = row.get("training", {}).get("recipe", {}).get("alpha", 0)
+        if (alpha > 0) == distilled:
+            return row
+    return None
+
+
+def check_targets(report: dict) -> dict[str, Any]:
+    """The issue's targets, computed from the report (true/false plus the numbers compared)."""
+    rows = report["rankers"]
+    teacher, student = _find(rows, "teacher"), _find(rows, "student", distilled=True)
+    labels, sasrec = _find(rows, "student", distilled=False), _find(rows, "sasrec")
+    out: dict[str, Any] = {}
+    if teacher and student and "speed" in teacher and "speed" in student:
+        ts, ss = teacher["speed"], student["speed"]
+        ratio = ts["prompt_tokens_per_request"] / ss["prompt_tokens_per_request"]
+        out["prompt_tokens_ratio"] = {"value": ratio, "target": ">= 10", "met": ratio >= 10}
+        speedup = ss["requests_per_s"] / ts["requests_per_s"]
+        out["throughput_ratio"] = {"value": speedup, "target": ">= 8", "met": speedup >= 8}
+    if teacher and student:
+        t_hr = teacher["metrics_common_users"]["sampled-20"]["hr@1"]
+        s_hr = student["metrics_common_users"]["sampled-20"]["hr@1"]
+        out["hr1_vs_teacher"] = {"student": s_hr, "teacher": t_hr, "ratio": s_hr / t_hr if t_hr else None,
+                                 "users": report["teacher_users"]["sampled-20"], "target": ">= 0.95",
+                                 "met": bool(t_hr) and s_hr / t_hr >= 0.95}  # fmt: skip
+    if student and sasrec:
+        s_hr, r_hr = student["metrics"]["sampled-20"]["hr@1"], sasrec["metrics"]["sampled-20"]["hr@1"]
+        out["hr1_vs_sasrec"] = {"student": s_hr, "sasrec": r_hr, "met": s_hr > r_hr}
+    if student and labels:
+        s_hr, l_hr = student["metrics"]["sampled-20"]["hr@1"], labels["metrics"]["sampled-20"]["hr@1"]
+        out["distilled_vs_labels_only"] = {"distilled": s_hr, "labels_only": l_hr, "met": s_hr > l_hr}
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    def cell(row: dict, protocol: str, metric: str, common: bool = False) -> str:
+        value = row["metrics_common_users" if common else "metrics"][protocol].get(metric)
+        users = row["users"][protocol]
+        mark = f" ({users})" if users != report["users"] else ""
+        return "—" if value is None else f"{value:.4f}{'' if common else mark}"
+
+    header = ["Model", "H"] + [f"{p} {m}" for p, m in TABLE_COLUMNS] + ["prompt tokens/req", "req/s", "cand/s", "peak mem MB"]
+    retrieval = report["retrieval"]
+    recall = retrieval[f"recall@{retrieval['k']}"]
+    lines = [
+        f"# MovieLens-100K rankers ({report['split']} targets, seed {report['seed']})", "",
+        f"Command: `{report['command']}`  ", f"Revision {report['git_revision']}; machine: {report['machine']['cpu']}, "
+        f"{report['machine']['torch_threads']} torch threads, device {report['machine']['device']}.", "",
+        f"All {report['users']} test users unless a cell says how many (the teacher: the first N). "
+        f"Full ranking for the LLM rankers: {retrieval['method']}, top {retrieval['k']} "
+        f"(recall@{retrieval['k']} = {recall:.4f}), then rerank.", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    ]  # fmt: skip
+    for row in report["rankers"]:
+        speed = row.get("speed")
+        extra = ["—"] * 4 if speed is None else [
+            f"{speed['prompt_tokens_per_request']:.0f}", f"{speed['requests_per_s']:.2f}", f"{speed['candidates_per_s']:.0f}",
+            "—" if speed["peak_memory_mb"] is None else f"{speed['peak_memory_mb']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join([row["name"], str(row["history_length"])] + [cell(row, p, m) for p, m in TABLE_COLUMNS] + extra) + " |")
+    t = report["teacher_users"]
+    lines += ["", f"On the teacher's users (first {t['sampled-20']} for sampled-20, first {t['sampled-100']} for the others):", "",
+              "| Model | " + " | ".join(f"{p} {m}" for p, m in TABLE_COLUMNS) + " |", "|" + "---|" * (len(TABLE_COLUMNS) + 1)]  # fmt: skip
+    for row in report["rankers"]:
+        lines.append("| " + " | ".join([row["name"]] + [cell(row, p, m, common=True) for p, m in TABLE_COLUMNS]) + " |")
+    setup = report["speed_setup"]
+    lines += ["", f"Speed: the first {setup['requests']} sampled-20 test requests, batches of {setup['batch_size']}, "
+              f"{setup['precision']}, models taking turns batch by batch; median batch time. Peak memory: "
+              "the extra resident memory while the model scores those requests.", "", "Targets:", ""]  # fmt: skip
+    for name, value in report["targets"].items():
+        lines.append(f"- {name}: {'met' if value['met'] else 'NOT met'} — " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items() if k != "met"))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def cli_eval_ranker(args: argparse.Namespace) -> int:
+    report = run_eval(args)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    markdown = output.with_suffix(".md")
+    markdown.write_text(render_markdown(report))
+    print(markdown.read_text())
+    print(f"wrote {output} and {markdown}")
+    return 0
