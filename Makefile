@@ -29,13 +29,16 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra tests
 
-# The Mix-LLM pipeline behind checkpoints/ and reports/ml100k_rankers.*: teacher (LoRA), teacher
-# scores stored once, distilled student, labels-only student, then the report. ~75 min of 2-core CPU
-# time in all (see README); on a GPU set accelerator: gpu in the recipes.
+# The Mix-LLM pipeline behind checkpoints/ and reports/ml100k_rankers.*: teacher (LoRA, 2 epochs),
+# teacher scores stored once, distilled student, labels-only student, the two item-feature ablations
+# (kept in runs/, not committed), then the report. About 2.5 h of 2-core CPU time in all (see the
+# README); on a GPU set accelerator: gpu in the recipes.
 rankers: setup
 	$(VENV)/bin/mixllm train teacher --config training/configs/teacher.yaml
 	$(VENV)/bin/mixllm train student --config training/configs/student.yaml
 	$(VENV)/bin/mixllm train student --config training/configs/student_labels.yaml
+	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=minilm output_dir=runs/student_minilm
+	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=sasrec output_dir=runs/student_sasrec
 	rm -rf checkpoints/teacher checkpoints/student checkpoints/student_labels
 	mkdir -p checkpoints
 	cp -r runs/teacher/ranker checkpoints/teacher
@@ -45,7 +48,8 @@ rankers: setup
 
 rankers-eval: setup
 	$(VENV)/bin/mixllm eval ranker --checkpoint teacher=checkpoints/teacher "student (distilled)=checkpoints/student" \
-		"student (labels only)=checkpoints/student_labels"
+		"student (labels only)=checkpoints/student_labels" "student (MiniLM only)=runs/student_minilm/ranker" \
+		"student (SASRec only)=runs/student_sasrec/ranker"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("role", choices=["teacher", "student"], help="which ranker to train")
     train.add_argument("--config", required=True, help="YAML recipe (training/configs/*.yaml)")
     train.add_argument("--resume", default=None, help="Lightning checkpoint (.ckpt) to resume from")
+    train.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
+                       help="override recipe fields (VALUE is read as YAML), e.g. --set item_features=minilm output_dir=runs/x")
     train.set_defaults(func=_handler("training.rankers:cli_train"))
 
     # --- eval -------------------------------------------------------------------------------

@@ -222,3 +222,18 @@ def test_item_features_sasrec_checkpoint_and_concatenation(tmp_path):
     other = make_synthetic_dataset(seed=1)  # same name, other data: the stored SASRec must be refused
     with pytest.raises(RecipeError, match="trained on another version"):
         rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), other)
+
+
+def test_set_overrides_are_read_as_yaml_values_and_checked():
+    from training.rankers import parse_overrides
+
+    values = parse_overrides(["lr=1e-4", "item_features=minilm", "teacher_scores=null", "lora_targets=[q_proj, v_proj]"])
+    assert values == {"lr": 1e-4, "item_features": "minilm", "teacher_scores": None, "lora_targets": ["q_proj", "v_proj"]}
+    recipe = RankerRecipe.from_yaml("student.yaml", **parse_overrides(["item_features=sasrec", "output_dir=runs/x"]))
+    assert (recipe.item_features, recipe.output_dir, recipe.alpha) == ("sasrec", "runs/x", 0.5)
+    with pytest.raises(RecipeError, match="^--set: expected FIELD=VALUE"):
+        parse_overrides(["lr"])
+    with pytest.raises(RecipeError, match="^bogus: unknown key"):
+        RankerRecipe.from_yaml("student.yaml", **parse_overrides(["bogus=1"]))
+    with pytest.raises(RecipeError, match="^config: .*not supported"):
+        RankerRecipe.from_yaml("student.yaml", lr="fast")

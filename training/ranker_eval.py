@@ -20,9 +20,11 @@ exactly those users ("common users"), which is where teacher and students are co
 
 Speed is measured side by side: the first ``--speed-requests`` sampled-20 test requests, in
 batches of ``--speed-batch-size``, fp32, the models taking turns batch by batch (so machine noise
-hits both alike); requests/s and candidates/s are from the median batch time. Peak memory is the
-process's peak resident memory while one model scores those requests (Linux ``VmHWM``, reset
-before each model), above what was resident before; on a GPU, ``torch.cuda.max_memory_allocated``.
+hits both alike); requests/s and candidates/s are from the median batch time. Peak memory, on a
+CPU: a fresh process loads only that model and scores two of those batches; its peak resident
+memory while scoring (Linux ``VmHWM``, reset after loading) is reported, with the resident memory
+after loading beside it. On a GPU: ``torch.cuda.max_memory_allocated`` while scoring, above the
+loaded models.
 """
 
 from __future__ import annotations
@@ -198,22 +200,27 @@ class SpeedResult:
     batch_times_s: list[float] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    loaded_memory_mb: float | None = None
     memory_kind: str = ""
+
+
+def own_batches(ranker: LLMRanker, requests: list[RankingRequest], batch_size: int) -> list[list[RankingRequest]]:
+    """``requests`` in batches, each history cut to the ``max_history`` most recent items ``ranker`` reads."""
+    cut = [RankingRequest(history=list(q.history)[-ranker.max_history :], candidates=q.candidates) for q in requests]
+    return [cut[i : i + batch_size] for i in range(0, len(cut), batch_size)]
 
 
 @torch.inference_mode()
 def measure_speed(rankers: list[LLMRanker], requests: list[RankingRequest], batch_size: int,
                   device: torch.device) -> dict[str, SpeedResult]:
-    """Time ``prepare`` + forward per batch for every ranker, taking turns batch by batch; then
-    each ranker's peak memory over one pass on its own."""
-    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    # Each ranker reads its own max_history most recent items of the same requests.
-    own = {r.name: [[RankingRequest(history=q.history[-r.max_history :], candidates=q.candidates) for q in b]
-                    for b in batches] for r in rankers}  # fmt: skip
+    """Time ``prepare`` + forward per batch for every ranker, taking turns batch by batch. On a GPU
+    also each ranker's peak allocated memory over one pass on its own (on a CPU see
+    :func:`probe_cpu_memory`)."""
+    own = {r.name: own_batches(r, requests, batch_size) for r in rankers}
     results = {r.name: SpeedResult() for r in rankers}
     for r in rankers:  # warm-up: first-call allocations and kernel choices stay out of the timings
         r.ranker(r.ranker.prepare(own[r.name][0]).to(device))
-    for index in range(len(batches)):
+    for index in range(len(own[rankers[0].name])):
         for r in rankers:
             _sync(device)
             start = time.perf_counter()
@@ -222,25 +229,39 @@ def measure_speed(rankers: list[LLMRanker], requests: list[RankingRequest], batc
             _sync(device)
             results[r.name].batch_times_s.append(time.perf_counter() - start)
             results[r.name].prompt_tokens.extend(inputs.num_tokens)
-    for r in rankers:
-        res = results[r.name]
-        if device.type == "cuda":
+    if device.type == "cuda":
+        for r in rankers:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             for batch in own[r.name]:
                 r.ranker(r.ranker.prepare(batch).to(device))
-            res.peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-            res.memory_kind = "CUDA peak allocated above the loaded models"
-        elif _reset_peak_rss():
-            base = _rss_mb("VmRSS")
-            for batch in own[r.name]:
-                r.ranker(r.ranker.prepare(batch).to(device))
-            peak = _rss_mb("VmHWM")
-            if base is not None and peak is not None:
-                res.peak_memory_mb = peak - base
-                res.memory_kind = "peak RSS above the resident models (VmHWM)"
+            results[r.name].peak_memory_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            results[r.name].memory_kind = "CUDA peak allocated while scoring, above the loaded models"
     return results
+
+
+def _memory_probe(path: str, texts: list[str], batches: list[list[RankingRequest]], threads: int) -> dict[str, float | None]:
+    """Runs in a fresh process: load one ranker, score ``batches``, report resident memory (MB)."""
+    torch.set_num_threads(threads)
+    ranker = MixLLMRanker.from_pretrained(path, ItemCatalog(texts=texts)).eval()
+    loaded = _rss_mb("VmRSS")
+    reset = _reset_peak_rss()  # the peak of loading (transient copies) is not the serving peak
+    with torch.inference_mode():
+        for batch in batches:
+            ranker(ranker.prepare(batch))
+    return {"loaded_rss_mb": loaded, "peak_rss_mb": _rss_mb("VmHWM") if reset else None}
+
+
+def probe_cpu_memory(path: Path, texts: list[str], batches: list[list[RankingRequest]], threads: int) -> dict[str, float | None]:
+    """Resident memory of a process that loads only this ranker and scores ``batches`` (a spawned
+    child, so other models and earlier allocations do not count): after loading, and the peak
+    while scoring (Linux ``VmHWM`` reset after loading). None where /proc is unavailable."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_memory_probe, str(path), texts, batches, threads).result()
 
 
 def _sync(device: torch.device) -> None:
@@ -314,12 +335,14 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                   "checkpoint": f"$MIXLLM_HOME/checkpoints/sasrec-{dataset.name}-seed{args.seed}"}),
     ]  # fmt: skip
     llm_rankers: list[LLMRanker] = []
+    paths: dict[str, Path] = {}
     for spec in args.checkpoint:
         name, path = _parse_checkpoint(spec)
         ranker, run = load_checkpoint(path, dataset.item_texts)
         ranker.to(device)
         wrapped = LLMRanker(ranker, name or _default_name(ranker, run), args.batch_size)
         llm_rankers.append(wrapped)
+        paths[wrapped.name] = path
         recipe = run.get("recipe", {})
         entries.append((wrapped, {
             "name": wrapped.name, "kind": ranker.mode, "checkpoint": str(path),
@@ -369,7 +392,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         speed_users = np.arange(min(args.speed_requests, split.num_users))
         batch = make_batch(split, SPLIT, speed_users, max(r.max_history for r in llm_rankers), lists.candidates[speed_users])
         longest = max(llm_rankers, key=lambda r: r.max_history)
-        results = measure_speed(llm_rankers, longest.requests(batch), args.speed_batch_size, device)
+        requests = longest.requests(batch)
+        results = measure_speed(llm_rankers, requests, args.speed_batch_size, device)
+        if device.type == "cpu":  # each model alone in a fresh process, two batches of the same requests
+            for r in llm_rankers:
+                memory = probe_cpu_memory(paths[r.name], dataset.item_texts, own_batches(r, requests, args.speed_batch_size)[:2],
+                                          torch.get_num_threads())  # fmt: skip
+                results[r.name].peak_memory_mb = memory["peak_rss_mb"]
+                results[r.name].loaded_memory_mb = memory["loaded_rss_mb"]
+                results[r.name].memory_kind = "peak resident memory (VmHWM) of a process holding only this model, while scoring"
         per_batch = min(args.speed_batch_size, len(speed_users))  # requests in a (full) timed batch
         for r in llm_rankers:
             res = results[r.name]
@@ -378,7 +409,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 "requests_per_s": per_batch / median, "candidates_per_s": per_batch * 20 / median,
                 "median_batch_s": median, "batch_times_s": res.batch_times_s,
                 "prompt_tokens_per_request": float(np.mean(res.prompt_tokens)), "peak_memory_mb": res.peak_memory_mb,
-                "memory": res.memory_kind,
+                "loaded_memory_mb": res.loaded_memory_mb, "memory": res.memory_kind,
             }  # fmt: skip
         for row in rows:
             if row["name"] in speed:
@@ -473,7 +504,8 @@ def render_markdown(report: dict) -> str:
     setup = report["speed_setup"]
     lines += ["", f"Speed: the first {setup['requests']} sampled-20 test requests, batches of {setup['batch_size']}, "
               f"{setup['precision']}, models taking turns batch by batch; median batch time. Peak memory: "
-              "the extra resident memory while the model scores those requests.", "", "Targets:", ""]  # fmt: skip
+              "the peak resident memory of a fresh process holding only that model while it scores two of "
+              "those batches (CPU), or the CUDA peak above the loaded models (GPU).", "", "Targets:", ""]  # fmt: skip
     for name, value in report["targets"].items():
         lines.append(f"- {name}: {'met' if value['met'] else 'NOT met'} — " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items() if k != "met"))  # fmt: skip

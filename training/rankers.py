@@ -236,8 +236,11 @@ class RankerRecipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise RecipeError(unknown[0], f"unknown key in {path} (known: {', '.join(sorted(known))})")
-        return cls(**raw)
+            raise RecipeError(unknown[0], f"unknown key in {path} or the overrides (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**raw)
+        except TypeError as error:  # a value of the wrong type, e.g. a string where a number belongs
+            raise RecipeError("config", f"{path}: {error}") from None
 
     def replace(self, **changes: Any) -> RankerRecipe:
         return dataclasses.replace(self, **changes)
@@ -755,9 +758,29 @@ def _git_revision() -> str | None:
     return revision()
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["field=value", ...]`` -> ``{field: yaml value}`` (``lr=1e-4`` is a float, ``x=null`` None)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError("--set", f"expected FIELD=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+                try:
+                    value = float(value) if any(c in value for c in ".eE") else value
+                except ValueError:
+                    pass
+            out[key] = value
+        except yaml.YAMLError:
+            raise RecipeError(key, f"cannot read {raw!r} as a value") from None
+    return out
+
+
 def cli_train(args) -> int:
     """``mixllm train teacher|student --config PATH [--resume CKPT]``."""
-    recipe = RankerRecipe.from_yaml(args.config)
+    recipe = RankerRecipe.from_yaml(args.config, **parse_overrides(getattr(args, "overrides", None) or []))
     if recipe.role != args.role:
         raise RecipeError("role", f"{args.config} is a {recipe.role} recipe but the command trains a {args.role}")
     result = train_ranker(recipe, resume=args.resume)
