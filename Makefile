@@ -45,11 +45,12 @@ rankers: setup
 	$(MAKE) rankers-eval
 	$(MAKE) rankers-ablations
 
-# Item-feature ablations of the distilled student (same stored teacher scores); their validation
-# metrics land in runs/student_{minilm,sasrec}/ranker/training_run.json.
+# Item-feature ablations of the distilled student (same stored teacher scores), and the labels-only
+# twin of the MiniLM-only one; their validation metrics land in runs/*/ranker/training_run.json.
 rankers-ablations: setup
 	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=minilm output_dir=runs/student_minilm
 	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=sasrec output_dir=runs/student_sasrec
+	$(VENV)/bin/mixllm train student --config training/configs/student_labels.yaml --set item_features=minilm output_dir=runs/student_labels_minilm
 
 rankers-eval: setup
 	$(VENV)/bin/mixllm eval ranker --checkpoint teacher=checkpoints/teacher "student (distilled)=checkpoints/student" \
