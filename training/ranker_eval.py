@@ -33,6 +33,7 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -416,7 +417,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 row["speed"] = speed[row["name"]]
 
     report = {
-        "command": " ".join(["mixllm", "eval", "ranker", *sys.argv[3:]]) if sys.argv[1:3] == ["eval", "ranker"] else None,
+        "command": shlex.join(["mixllm", "eval", "ranker", *sys.argv[3:]]) if sys.argv[1:3] == ["eval", "ranker"] else None,
         "git_revision": _git_revision(), "machine": {**machine_info(), "device": str(device)},
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint()}, "split": SPLIT, "seed": args.seed,
         "users": n_users, "teacher_users": {"sampled-20": t20, "sampled-100": t100, "full": t100},
