@@ -45,12 +45,18 @@ rankers: setup
 	$(MAKE) rankers-eval
 	$(MAKE) rankers-ablations
 
-# Item-feature ablations of the distilled student (same stored teacher scores), and the labels-only
-# twin of the MiniLM-only one; their validation metrics land in runs/*/ranker/training_run.json.
+# Item-feature ablations of the distilled student (same stored teacher scores) and the labels-only
+# twin of the MiniLM-only one, scored on sampled-20 -> reports/ml100k_ablations.{json,md}.
 rankers-ablations: setup
 	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=minilm output_dir=runs/student_minilm
 	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=sasrec output_dir=runs/student_sasrec
 	$(VENV)/bin/mixllm train student --config training/configs/student_labels.yaml --set item_features=minilm output_dir=runs/student_labels_minilm
+	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 --output reports/ml100k_ablations.json \
+		--checkpoint "student (distilled, MiniLM+SASRec)=checkpoints/student" \
+		"student (labels only, MiniLM+SASRec)=checkpoints/student_labels" \
+		"student (distilled, MiniLM only)=runs/student_minilm/ranker" \
+		"student (labels only, MiniLM only)=runs/student_labels_minilm/ranker" \
+		"student (distilled, SASRec only)=runs/student_sasrec/ranker"
 
 rankers-eval: setup
 	$(VENV)/bin/mixllm eval ranker --checkpoint teacher=checkpoints/teacher "student (distilled)=checkpoints/student" \

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--teacher-users-20", type=int, default=300, help="teacher rows: users for sampled-20")
     rk.add_argument("--teacher-users-100", type=int, default=60,
                     help="teacher rows: users for sampled-100 and full ranking (~1,900-token prompts)")
+    rk.add_argument("--protocols", nargs="+", default=["sampled-20", "sampled-100", "full"],
+                    choices=["sampled-20", "sampled-100", "full"], help="which protocols to score (default: all)")
     rk.add_argument("--retrieve", type=int, default=100, help="full ranking: FAISS top-k that the LLM reranks")
     rk.add_argument("--batch-size", type=int, default=8, help="requests per forward while scoring")
     rk.add_argument("--speed-requests", type=int, default=64, help="requests timed side by side")

@@ -344,3 +344,17 @@ def test_bad_checkpoint_spec_and_device(setup, tmp_path, capsys):
     code = cli.main(_args(setup, output=tmp_path / "r.json")[:-2] + ["--device", "tpu"])
     assert code == 2 and "--device" in _one_error_line(capsys)
     assert isinstance(ranker_eval.EvalError("x"), MixLLMError)
+
+
+def test_protocols_subset_scores_only_those_and_keeps_the_table(setup, tmp_path, report):
+    output = tmp_path / "subset.json"
+    code = cli.main(_args(setup, "--protocols", "sampled-20", "--teacher-users-20", str(T20), "--speed-requests", "2",
+                          "--speed-batch-size", "2", "--retrieve", str(RETRIEVE), output=output))
+    assert code == 0
+    subset = json.loads(output.read_text())
+    full = {row["name"]: row for row in report[0]["rankers"]}
+    for row in subset["rankers"]:
+        assert list(row["metrics"]) == ["sampled-20"]
+        assert row["metrics"]["sampled-20"] == pytest.approx(full[row["name"]]["metrics"]["sampled-20"], abs=1e-6)
+    assert "—" in output.with_suffix(".md").read_text()
+    assert "distilled_vs_labels_only" in subset["targets"]
