@@ -52,9 +52,7 @@ rankers-ablations: setup
 	$(VENV)/bin/mixllm train student --config training/configs/student.yaml --set item_features=sasrec output_dir=runs/student_sasrec
 	$(VENV)/bin/mixllm train student --config training/configs/student_labels.yaml --set item_features=minilm output_dir=runs/student_labels_minilm
 	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 --output reports/ml100k_ablations.json \
-		--checkpoint "student (distilled, MiniLM+SASRec)=checkpoints/student" \
-		"student (labels only, MiniLM+SASRec)=checkpoints/student_labels" \
-		"student (distilled, MiniLM only)=runs/student_minilm/ranker" \
+		--speed-requests 16 --checkpoint "student (distilled, MiniLM only)=runs/student_minilm/ranker" \
 		"student (labels only, MiniLM only)=runs/student_labels_minilm/ranker" \
 		"student (distilled, SASRec only)=runs/student_sasrec/ranker"
 
