@@ -525,7 +525,10 @@ def _check_table(table, path: Path, dataset: InteractionDataset) -> torch.Tensor
 
 
 def _mixllm_home(cache_dir: str | None) -> Path:
-    return Path(cache_dir) if cache_dir else Path(os.environ.get("MIXLLM_HOME") or Path.home() / ".cache" / "mixllm")
+    """``cache_dir`` when given, else the asset cache (``mixllm.assets.mixllm_home``)."""
+    from mixllm.assets import mixllm_home
+
+    return Path(cache_dir) if cache_dir else mixllm_home()
 
 
 def load_or_train_sasrec(dataset: InteractionDataset, seed: int, cache_dir: str | None = None, progress: bool = True):
