@@ -58,6 +58,10 @@ RANKER_CONFIG_NAME = "ranker_config.json"
 RANKER_HEAD_NAME = "ranker_head.safetensors"
 CATALOG_FEATURES_NAME = "catalog_features.safetensors"
 MODES = ("teacher", "student")
+SCORE_HEAD_RULE = (
+    "the score head has no bias: listwise losses are invariant to a shift shared by all candidates, "
+    "so a bias gets zero gradient; a stored bias is dropped on load (rankings and softmax scores unchanged)"
+)
 SCORINGS = ("head", "answer_token")
 
 
@@ -357,12 +361,16 @@ class MixLLMRanker(nn.Module):
         template: how requests become text (shared by both modes).
         scoring: "head" (default) or "answer_token".
 
-            * "head": a ``nn.Linear(hidden, 1)`` on the final hidden state of each candidate
-              segment's last token — the one token that has seen the prefix and its own candidate
-              and nothing else. It gives an unbounded scalar per candidate, which is what listwise
-              training over candidate lists (softmax / KL against the teacher's distribution)
-              needs, it is trained with the item projector while the LLM stays frozen, and it
-              needs no question text per candidate.
+            * "head": a ``nn.Linear(hidden, 1, bias=False)`` on the final hidden state of each
+              candidate segment's last token — the one token that has seen the prefix and its own
+              candidate and nothing else. It gives an unbounded scalar per candidate, which is what
+              listwise training over candidate lists (softmax / KL against the teacher's
+              distribution) needs, it is trained with the item projector while the LLM stays
+              frozen, and it needs no question text per candidate. It has **no bias**: every loss
+              in mixllm is listwise (a softmax over one request's candidates), and softmax(s + b)
+              = softmax(s), so a bias shared by all candidates has exactly zero gradient and would
+              never train; scores are therefore meaningful only relative to the other candidates
+              of the same request (see :data:`SCORE_HEAD_RULE`).
             * "answer_token": the LM head's logit of ``answer_token`` (e.g. "Yes") at that same
               token; zero new parameters, usable zero-shot, but reads best with a question in
               ``template.segment``, which every candidate pays for. Only the C gathered positions
@@ -402,7 +410,7 @@ class MixLLMRanker(nn.Module):
         text_config = model.language_model.config.get_text_config()
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
         dtype = next(model.language_model.parameters()).dtype
-        self.score_head = nn.Linear(text_config.hidden_size, 1).to(dtype) if scoring == "head" else None
+        self.score_head = nn.Linear(text_config.hidden_size, 1, bias=False).to(dtype) if scoring == "head" else None
         self.answer_token_id: int | None = None
         if scoring == "answer_token":
             ids = processor.tokenizer(answer_token, add_special_tokens=False)["input_ids"]
@@ -536,10 +544,17 @@ class MixLLMRanker(nn.Module):
         return path
 
     def load_score_head(self, path: str | Path) -> None:
-        """Load ``ranker_head.safetensors`` from a checkpoint directory into this ranker's head."""
+        """Load ``ranker_head.safetensors`` from a checkpoint directory into this ranker's head.
+
+        Checkpoints written before the head lost its bias store a ``bias`` too; it is dropped
+        (:data:`SCORE_HEAD_RULE`): it added the same constant to every candidate, so every ranking
+        and every listwise probability is unchanged, only raw scores shift by that constant."""
         if self.score_head is None:
             raise ValueError("this ranker scores with the answer token; it has no score head")
         state = load_file(str(Path(path) / RANKER_HEAD_NAME))
+        bias = state.pop("bias", None)
+        if bias is not None:
+            logger.info("%s: dropping the stored score-head bias %.4g (%s)", path, float(bias.flatten()[0]), SCORE_HEAD_RULE)
         self.score_head.load_state_dict(state)
 
     @classmethod

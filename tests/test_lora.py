@@ -289,7 +289,7 @@ def test_lora_recipe_builds_a_ranker_whose_adapters_and_head_train():
     assert config.freeze_language_model and config.lora == LoRAConfig(rank=2, alpha=4.0, target_modules=["q_proj", "o_proj"])
     trainable = {n for n, p in ranker.named_parameters() if p.requires_grad}
     lora = {n for n in trainable if is_lora_key(n)}
-    assert trainable - lora == {"score_head.weight", "score_head.bias"}
+    assert trainable - lora == {"score_head.weight"}
     assert len(lora) == 2 * NUM_LAYERS * 2
     assert all(n.startswith("model.language_model.") and (".q_proj." in n or ".o_proj." in n) for n in lora)
     for m in _lora_modules(ranker.model.language_model).values():

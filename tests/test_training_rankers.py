@@ -43,6 +43,41 @@ def test_loss_ce_kl_and_labels_only_ablation():
     assert parts["kl"] > 0.1
 
 
+@pytest.mark.parametrize("shift", [-50.0, -1.0, 0.5, 7.0, 100.0])
+def test_listwise_losses_are_invariant_to_a_shift_shared_by_all_candidates(shift):
+    """CE and the distillation KL depend on scores only through softmax, and softmax(s + c) = softmax(s):
+    adding a constant to every candidate (a score-head bias) changes neither the loss nor the
+    gradient w.r.t. the scores. Why the score head has no bias (mixllm.ranking.SCORE_HEAD_RULE).
+
+    Tolerance: log_softmax subtracts the row max, so the shifted scores differ from the unshifted by
+    the rounding of s + c, at most |s + c| * 2^-24 ~ 6e-6 for |s + c| <= 105 in float32, which the
+    loss carries through a softmax of Lipschitz constant 1: 1e-4 bounds it with room to spare, and a
+    bias that did matter (e.g. applied to one candidate only) changes the loss by ~|c| / C >> 1e-4."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 10, generator=generator) * 2
+    teacher = torch.randn(6, 10, generator=generator) * 2
+    target = torch.randint(0, 10, (6,), generator=generator)
+    for teacher_scores, alpha in ((None, 0.0), (teacher, 0.5), (teacher, 1.0)):
+        base = scores.clone().requires_grad_(True)
+        moved = (scores + shift).requires_grad_(True)
+        loss, parts = ranking_loss(base, target, teacher_scores, temperature=2.0, alpha=alpha)
+        loss_moved, parts_moved = ranking_loss(moved, target, teacher_scores, temperature=2.0, alpha=alpha)
+        assert torch.allclose(loss, loss_moved, atol=1e-4), (alpha, loss, loss_moved)
+        for name in parts:
+            assert torch.allclose(parts[name], parts_moved[name], atol=1e-4), name
+        loss.backward()
+        loss_moved.backward()
+        assert torch.allclose(base.grad, moved.grad, atol=1e-5)
+        assert torch.all(base.grad.sum(-1).abs() < 1e-6)  # the gradient a shared bias would get: zero
+        if teacher_scores is not None:  # shifting the teacher's scores does not change the KL either
+            _, shifted_teacher = ranking_loss(scores, target, teacher_scores + shift, temperature=2.0, alpha=alpha)
+            assert torch.allclose(shifted_teacher["kl"], parts["kl"], atol=1e-4)
+    # The check is not vacuous: shifting one candidate only does change the loss.
+    one = scores.clone()
+    one[:, 0] += shift
+    assert (ranking_loss(one, target)[0] - ranking_loss(scores, target)[0]).abs() > 1e-3
+
+
 def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
     recipe = RankerRecipe.from_yaml("teacher_tiny.yaml", limit_train_users=None, targets_per_user=3)
     split = leave_one_out(make_synthetic_dataset(seed=0))
