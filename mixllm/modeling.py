@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from mixllm.encoders.user import UserEncoder
 from mixllm.lora import apply_lora, is_lora_key
 from mixllm.merge import merge_modality_features
 from mixllm.projector import Projector
+from mixllm.provenance import git_revision
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +103,20 @@ class MixLLMForCausalLM(nn.Module):
         item_ids: torch.Tensor | None = None,
         user_history: torch.Tensor | None = None,
         user_history_mask: torch.Tensor | None = None,
+        item_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with every placeholder replaced by its modality's projected features."""
+        """Token embeddings with every placeholder replaced by its modality's projected features.
+
+        ``item_embeds`` (N, k, D): item tokens already projected (``mixllm.item_cache``); when given,
+        the item encoder and projector do not run and ``item_features``/``item_ids`` are ignored."""
         features: dict[str, torch.Tensor | None] = {}
         if pixel_values is not None:
             self._require("image")
             features["image"] = self.get_image_features(pixel_values)
-        if item_features is not None or item_ids is not None:
+        if item_embeds is not None:
+            self._require("item")
+            features["item"] = item_embeds
+        elif item_features is not None or item_ids is not None:
             self._require("item")
             features["item"] = self.get_item_features(item_features, item_ids)
         if user_history is not None:
@@ -199,7 +206,7 @@ class MixLLMForCausalLM(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         save_file(tensors, str(path / WEIGHTS_NAME))
-        meta = {"config": self.config.to_dict(), "provenance": {"git_revision": _git_revision(), **(provenance or {})}}
+        meta = {"config": self.config.to_dict(), "provenance": {"git_revision": git_revision(), **(provenance or {})}}
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return path
 
@@ -213,11 +220,3 @@ class MixLLMForCausalLM(nn.Module):
                 f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         self.load_state_dict(state, strict=False)
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None

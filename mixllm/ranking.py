@@ -49,7 +49,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mixllm.data.evaluation import Ranker, RankingBatch
+from mixllm.data.split import DEFAULT_HISTORY_LENGTH, PAD
 from mixllm.errors import DataError
+from mixllm.item_cache import ItemTokenCache
 from mixllm.modeling import MixLLMForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -312,6 +315,17 @@ class RankingRequest:
     history: Sequence[int]
     candidates: Sequence[int]
 
+    @classmethod
+    def from_padded(cls, history_row, candidates, max_history: int | None = None) -> RankingRequest:
+        """The request of one row of a padded history batch: ``history_row`` is ``(H,)`` item indices
+        left-padded with ``PAD`` (-1), most recent last (``RankingBatch.history``,
+        ``LeaveOneOutSplit.histories``); PAD entries are dropped and only the ``max_history`` most
+        recent real items kept (None: all). The one way a padded history becomes a request."""
+        history = [int(i) for i in history_row if int(i) != PAD]
+        if max_history is not None:
+            history = history[-max_history:] if max_history > 0 else []
+        return cls(history=history, candidates=[int(i) for i in candidates])
+
 
 @dataclass
 class ItemCatalog:
@@ -411,6 +425,9 @@ class MixLLMRanker(nn.Module):
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
         dtype = next(model.language_model.parameters()).dtype
         self.score_head = nn.Linear(text_config.hidden_size, 1, bias=False).to(dtype) if scoring == "head" else None
+        self.token_cache: ItemTokenCache | None = None
+        """Student only: when set, requests name rows of this cache (the catalog's projected item
+        tokens, :mod:`mixllm.item_cache`) and the item encoder and projector never run."""
         self.answer_token_id: int | None = None
         if scoring == "answer_token":
             ids = processor.tokenizer(answer_token, add_special_tokens=False)["input_ids"]
@@ -449,10 +466,14 @@ class MixLLMRanker(nn.Module):
                 f"request {index}: the history has {len(request.history)} items but this ranker reads at most "
                 f"{self.max_history} (max_history); pass the {self.max_history} most recent"
             )
-        history = self.catalog.check(request.history, f"request {index} history")
-        candidates = self.catalog.check(request.candidates, f"request {index} candidates")
+        cached = self.mode == "student" and self.token_cache is not None
+        check = self.token_cache.check_rows if cached else self.catalog.check
+        history = check([int(i) for i in request.history], f"request {index} history")
+        candidates = check([int(i) for i in request.candidates], f"request {index} candidates")
         try:
-            if self.mode == "teacher":
+            if cached:  # placeholders carry cache rows; forward gathers their tokens
+                prompt = self.prompts.student(history_ids=history, candidate_ids=candidates)
+            elif self.mode == "teacher":
                 texts = self.catalog.texts
                 prompt = self.prompts.teacher([texts[i] for i in history], [texts[i] for i in candidates])
             else:
@@ -496,8 +517,11 @@ class MixLLMRanker(nn.Module):
     # --- scoring ---------------------------------------------------------------------------------
     def forward(self, inputs: RankingInputs) -> torch.Tensor:
         """(B, C_max) scores; padded candidate slots hold 0 (see ``inputs.candidate_mask``)."""
+        item_embeds = None
+        if self.mode == "student" and self.token_cache is not None and inputs.item_ids is not None:
+            item_embeds = self.token_cache.gather(inputs.item_ids)  # (N, k, D): rows of the catalog's tokens
         inputs_embeds = self.model.embed_inputs(
-            inputs.input_ids, item_features=inputs.item_features, item_ids=inputs.item_ids
+            inputs.input_ids, item_features=inputs.item_features, item_ids=inputs.item_ids, item_embeds=item_embeds
         )  # (B, T, D)
         backbone = self.model.language_model.base_model  # the decoder stack, without the LM head
         hidden = backbone(
@@ -590,3 +614,27 @@ class MixLLMRanker(nn.Module):
         if ranker.score_head is not None:
             ranker.load_score_head(path)
         return ranker.eval()
+
+
+# --- the evaluator's interface -------------------------------------------------------------------
+class ProtocolRanker(Ranker):
+    """A :class:`MixLLMRanker` behind the evaluator's :class:`~mixllm.data.evaluation.Ranker`
+    interface (``evaluate_protocols``, ``mixllm eval ranker``): batches of padded histories and
+    candidates become requests (:meth:`RankingRequest.from_padded`), scored ``batch_size`` at a time."""
+
+    supports_full_ranking = False
+
+    def __init__(self, ranker: MixLLMRanker, name: str, batch_size: int = 8) -> None:
+        self.ranker, self.name, self.batch_size = ranker.eval(), name, batch_size
+        self.max_history = ranker.max_history or DEFAULT_HISTORY_LENGTH
+
+    def requests(self, batch: RankingBatch) -> list[RankingRequest]:
+        """One request per row, each history cut to the ``max_history`` most recent items."""
+        return [RankingRequest.from_padded(h, c, self.max_history) for h, c in zip(batch.history, batch.candidates)]
+
+    @torch.inference_mode()
+    def score(self, batch: RankingBatch) -> torch.Tensor:
+        """(B, C) scores of ``batch.candidates``."""
+        requests = self.requests(batch)
+        out = [self.ranker.score(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
+        return torch.stack([row.float().cpu() for part in out for row in part])  # (B, C)
