@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixllm.errors import DataError
+from mixllm.provenance import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,8 @@ class ItemTokenCache:
     def save(self, path: str | Path, key: str) -> Path:
         """Write the live rows and ``key`` (atomically: a temp file renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"tokens": self.tokens.detach().cpu().contiguous()}, str(tmp), metadata={"key": key})
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            save_file({"tokens": self.tokens.detach().cpu().contiguous()}, str(tmp), metadata={"key": key})
         return path
 
     @classmethod

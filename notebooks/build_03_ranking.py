@@ -48,8 +48,8 @@ print("teacher:", teacher.mode, "max history", teacher.max_history, "| student:"
       "item features", tuple(student.catalog.features.shape))"""),
     new_markdown_cell("## One user, 20 candidates"),
     new_code_cell("""def request_for(user: int) -> RankingRequest:
-    history = split.histories("test", teacher.max_history, np.array([user]))[0]
-    return RankingRequest(history=history[history >= 0].tolist(), candidates=lists.candidates[user].tolist())
+    history = split.histories("test", teacher.max_history, np.array([user]))[0]  # (H,) left-padded with -1
+    return RankingRequest.from_padded(history, lists.candidates[user])
 
 user = 0
 request = request_for(user)

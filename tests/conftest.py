@@ -62,3 +62,29 @@ def tiny_lm_dir(tmp_path):
     make_language_model("llama").save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def assert_greedy_decodes_agree(expected_tokens, expected_logits, got_tokens, got_logits, atol: float) -> None:
+    """Two greedy decodes of the same model function agree: their per-step logits match within
+    ``atol`` and they pick the same token at every step, unless that step is a near-tie.
+
+    Greedy decoding takes an argmax; two float32 computations of the same logits (different batch
+    shapes, padding, kernels) differ by rounding, so they can pick different tokens only where the
+    two tokens' logits are within 2 * atol of each other: if |got - expected| <= atol element-wise,
+    expected[a] >= expected[b] and got[b] >= got[a] imply expected[a] - expected[b] <= 2 * atol.
+    Such a step is a genuine tie up to rounding; after it the two continuations legitimately differ,
+    so the comparison stops there. Anywhere else a differing token is a bug.
+
+    Args:
+        expected_tokens, got_tokens: (new_len,) new token ids of one sequence.
+        expected_logits, got_logits: per step, the (vocab,) logits of that sequence.
+    """
+    steps = min(len(expected_tokens), len(got_tokens))
+    for step in range(steps):
+        torch.testing.assert_close(got_logits[step], expected_logits[step], atol=atol, rtol=0, msg=f"step {step}")
+        a, b = int(expected_tokens[step]), int(got_tokens[step])
+        if a != b:
+            margin = float(expected_logits[step][a] - expected_logits[step][b])
+            assert margin <= 2 * atol, f"step {step}: token {b} instead of {a}, whose logit leads by {margin:.3g}"
+            return
+    assert len(expected_tokens) == len(got_tokens)

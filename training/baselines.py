@@ -12,9 +12,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -36,6 +33,8 @@ from mixllm.data import (
     load_dataset,
 )
 from mixllm.errors import MixLLMError
+from mixllm.features import sasrec_checkpoint_dir
+from mixllm.provenance import atomic_write_text, git_revision, machine_info
 from training.sasrec import SASRecTrainConfig, train_sasrec
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,6 @@ def run_baselines(
     sasrec_config = sasrec_config or SASRecTrainConfig()
     torch.set_num_threads(sasrec_config.num_threads)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else default_cache_dir().parent / "checkpoints"
 
     text_embeddings, text_encode_s = None, None
     if "minilm-text" in models:
@@ -122,15 +120,18 @@ def run_baselines(
             record["eval_time_s"] = time.perf_counter() - start
             record["history_length"] = ranker.max_history
             if name == "sasrec":
+                directory = sasrec_checkpoint_dir(data.name, seed)
+                if checkpoint_dir is not None:  # --checkpoint-dir stands for $MIXLLM_HOME/checkpoints
+                    directory = Path(checkpoint_dir) / directory.name
                 record["checkpoint"] = str(
                     ranker.save_pretrained(
-                        checkpoint_dir / f"sasrec-{data.name}-seed{seed}",
+                        directory,
                         provenance={
                             "dataset": data.name,
                             "dataset_fingerprint": data.fingerprint(),
                             "item_index": "row i = item_idx i = dataset.items row i",
                             "seed": seed,
-                            "git_revision": _git_revision(),
+                            "git_revision": git_revision(),
                             "train": {k: v for k, v in info.items() if k != "history"},
                             "metrics": record["metrics"],
                         },
@@ -151,7 +152,7 @@ def run_baselines(
         "models": list(models),
         "command": command or f"mixllm eval baselines --dataset {dataset} --seed {' '.join(map(str, seeds))}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "machine": machine_info(),
         "split": {
             "type": "leave-one-out by time (ties by item id)",
@@ -264,9 +265,9 @@ def render_markdown(report: dict) -> str:
         [
             f"# Baselines on {report['dataset']}",
             "",
-            f"Produced by `{report['command']}` on {report['created']} (git {report['git_revision']}).",
+            f"Produced by `{report['command']}` on {report['created']} (git {report['git_revision'] or 'unknown'}).",
             f"Machine: {machine['cpu']} — {machine['torch_threads']} torch threads on {machine['cpu_count']} cores, "
-            f"torch {machine['torch']}, no GPU.",
+            f"torch {machine['torch']}, {machine.get('gpu') or 'no GPU'}.",
             "",
             f"{stats['users']} users, {stats['items']} items, {stats['interactions']} interactions; leave-one-out by "
             "time. Mean ± std (sample std) over seeds "
@@ -296,44 +297,8 @@ def render_markdown(report: dict) -> str:
 
 def write_report(report: dict, output: Path) -> tuple[Path, Path]:
     """Write the JSON report and its markdown rendering (same stem, ``.md``)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = output.with_suffix(".md")
-    markdown.write_text(render_markdown(report))
+    atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    markdown = atomic_write_text(output.with_suffix(".md"), render_markdown(report))
     log.info("wrote %s and %s", output, markdown)
     return output, markdown
 
-
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.is_available(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if out.returncode != 0:
-        return "unknown"
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -44,11 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixllm.data import PAD, PROTOCOLS, LeaveOneOutSplit, get_candidates, leave_one_out, load_dataset
-from mixllm.data.evaluation import Ranker, RankingBatch, make_batch
+from mixllm.data import PROTOCOLS, LeaveOneOutSplit, get_candidates, leave_one_out, load_dataset
+from mixllm.data.evaluation import Ranker, make_batch
 from mixllm.errors import MixLLMError
+from mixllm.features import sasrec_checkpoint_dir
 from mixllm.metrics import ranking_metrics
-from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
+from mixllm.provenance import atomic_write_text, git_revision, machine_info
+from mixllm.ranking import ItemCatalog, MixLLMRanker, ProtocolRanker, RankingRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,32 +65,6 @@ class EvalError(MixLLMError, ValueError):
 
 
 # --- rankers under evaluation --------------------------------------------------------------------
-class LLMRanker(Ranker):
-    """A :class:`MixLLMRanker` behind the evaluator's :class:`Ranker` interface."""
-
-    supports_full_ranking = False
-
-    def __init__(self, ranker: MixLLMRanker, name: str, batch_size: int = 8) -> None:
-        self.ranker, self.name, self.batch_size = ranker.eval(), name, batch_size
-        self.max_history = ranker.max_history or 10
-
-    def requests(self, batch: RankingBatch) -> list[RankingRequest]:
-        return [
-            RankingRequest(history=h[h != PAD].tolist(), candidates=c.tolist())
-            for h, c in zip(batch.history[:, -self.max_history :], batch.candidates)
-        ]
-
-    @torch.inference_mode()
-    def score(self, batch: RankingBatch) -> torch.Tensor:
-        requests = self.requests(batch)
-        device = next(self.ranker.parameters()).device
-        out = [
-            self.ranker(self.ranker.prepare(requests[i : i + self.batch_size]).to(device)).float().cpu()
-            for i in range(0, len(requests), self.batch_size)
-        ]
-        return torch.cat(out)  # (B, C)
-
-
 class FaissRetriever:
     """Top-k items by inner product between SASRec's user vector and its item embeddings (FAISS)."""
 
@@ -205,14 +181,14 @@ class SpeedResult:
     memory_kind: str = ""
 
 
-def own_batches(ranker: LLMRanker, requests: list[RankingRequest], batch_size: int) -> list[list[RankingRequest]]:
+def own_batches(ranker: ProtocolRanker, requests: list[RankingRequest], batch_size: int) -> list[list[RankingRequest]]:
     """``requests`` in batches, each history cut to the ``max_history`` most recent items ``ranker`` reads."""
-    cut = [RankingRequest(history=list(q.history)[-ranker.max_history :], candidates=q.candidates) for q in requests]
+    cut = [RankingRequest.from_padded(q.history, q.candidates, ranker.max_history) for q in requests]
     return [cut[i : i + batch_size] for i in range(0, len(cut), batch_size)]
 
 
 @torch.inference_mode()
-def measure_speed(rankers: list[LLMRanker], requests: list[RankingRequest], batch_size: int,
+def measure_speed(rankers: list[ProtocolRanker], requests: list[RankingRequest], batch_size: int,
                   device: torch.device) -> dict[str, SpeedResult]:
     """Time ``prepare`` + forward per batch for every ranker, taking turns batch by batch. On a GPU
     also each ranker's peak allocated memory over one pass on its own (on a CPU see
@@ -308,7 +284,6 @@ def load_checkpoint(path: Path, item_texts: list[str]) -> tuple[MixLLMRanker, di
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from mixllm.baselines import PopularityRanker
-    from training.baselines import _git_revision, machine_info
     from training.rankers import load_or_train_sasrec
 
     if args.threads:
@@ -337,15 +312,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     entries: list[tuple[Ranker, dict[str, Any]]] = [
         (PopularityRanker.fit(split), {"name": "Popularity", "kind": "popularity"}),
         (sasrec, {"name": f"SASRec (H={sasrec.config.max_len})", "kind": "sasrec",
-                  "checkpoint": f"$MIXLLM_HOME/checkpoints/sasrec-{dataset.name}-seed{args.seed}"}),
+                  "checkpoint": str(sasrec_checkpoint_dir(dataset.name, args.seed, args.cache_dir or "$MIXLLM_HOME"))}),
     ]  # fmt: skip
-    llm_rankers: list[LLMRanker] = []
+    llm_rankers: list[ProtocolRanker] = []
     paths: dict[str, Path] = {}
     for spec in args.checkpoint:
         name, path = _parse_checkpoint(spec)
         ranker, run = load_checkpoint(path, dataset.item_texts)
         ranker.to(device)
-        wrapped = LLMRanker(ranker, name or _default_name(ranker, run), args.batch_size)
+        wrapped = ProtocolRanker(ranker, name or _default_name(ranker, run), args.batch_size)
         llm_rankers.append(wrapped)
         paths[wrapped.name] = path
         recipe = run.get("recipe", {})
@@ -422,7 +397,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     report = {
         "command": shlex.join(["mixllm", "eval", "ranker", *sys.argv[3:]]) if sys.argv[1:3] == ["eval", "ranker"] else None,
-        "git_revision": _git_revision(), "machine": {**machine_info(), "device": str(device)},
+        "git_revision": git_revision(), "machine": {**machine_info(), "device": str(device)},
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint()}, "split": SPLIT, "seed": args.seed,
         "users": n_users, "teacher_users": {"sampled-20": t20, "sampled-100": t100, "full": t100},
         "retrieval": {"method": f"faiss.IndexFlatIP over SASRec item embeddings (seed {args.seed}), SASRec user vector",
@@ -492,7 +467,7 @@ def render_markdown(report: dict) -> str:
     recall = retrieval[f"recall@{retrieval['k']}"]
     lines = [
         f"# MovieLens-100K rankers ({report['split']} targets, seed {report['seed']})", "",
-        f"Command: `{report['command']}`  ", f"Revision {report['git_revision']}; machine: {report['machine']['cpu']}, "
+        f"Command: `{report['command']}`  ", f"Revision {report['git_revision'] or 'unknown'}; machine: {report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} torch threads, device {report['machine']['device']}.", "",
         f"All {report['users']} test users unless a cell says how many (the teacher: the first N). "
         f"Full ranking for the LLM rankers: {retrieval['method']}, top {retrieval['k']} "
@@ -525,10 +500,8 @@ def render_markdown(report: dict) -> str:
 def cli_eval_ranker(args: argparse.Namespace) -> int:
     report = run_eval(args)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = output.with_suffix(".md")
-    markdown.write_text(render_markdown(report))
+    atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+    markdown = atomic_write_text(output.with_suffix(".md"), render_markdown(report))
     print(markdown.read_text())
     print(f"wrote {output} and {markdown}")
     return 0

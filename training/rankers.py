@@ -42,9 +42,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from mixllm.config import ItemConfig, MixLLMConfig
 from mixllm.data import PAD, PROTOCOLS, InteractionDataset, LeaveOneOutSplit, get_candidates, leave_one_out, load_dataset
-from mixllm.errors import MixLLMError
+from mixllm.errors import DataError, MixLLMError
+from mixllm.features import item_feature_table, load_sasrec, parse_feature_spec, sasrec_checkpoint_dir
 from mixllm.lora import LoRAConfig, is_lora_key
 from mixllm.metrics import ranking_metrics
+from mixllm.provenance import atomic_write, atomic_write_text, git_revision
 from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingInputs, RankingRequest
 
 log = logging.getLogger(__name__)
@@ -209,10 +211,10 @@ class RankerRecipe:
             raise RecipeError("temperature", f"must be > 0, got {self.temperature!r}")
         if not 0 <= self.alpha <= 1:
             raise RecipeError("alpha", f"must be in [0, 1], got {self.alpha!r}")
-        if not self.item_features or any(not part for part in self.item_features.split("+")):
-            raise RecipeError("item_features", f"must be 'minilm', 'ids', a path, or a '+'-joined list, got {self.item_features!r}")
-        if "ids" in self.item_features.split("+") and self.item_features != "ids":
-            raise RecipeError("item_features", "'ids' cannot be combined with features; use item_id_embedding: true")
+        try:
+            parse_feature_spec(self.item_features)
+        except DataError as error:
+            raise RecipeError("item_features", str(error)) from None
         if self.role == "teacher" and self.alpha != 0:
             raise RecipeError("alpha", "the teacher trains on labels only; set alpha: 0")
         if self.role == "student" and self.alpha > 0 and not self.teacher_scores:
@@ -274,8 +276,7 @@ class CandidateListSet:
         return len(self.users)
 
     def request(self, i: int) -> RankingRequest:
-        history = self.histories[i]
-        return RankingRequest(history=history[history != PAD].tolist(), candidates=self.candidates[i].tolist())
+        return RankingRequest.from_padded(self.histories[i], self.candidates[i])
 
     def digest(self) -> str:
         digest = hashlib.sha256()
@@ -414,15 +415,13 @@ def score_lists_with_teacher(teacher: MixLLMRanker, lists: CandidateListSet, bat
 def save_teacher_scores(path: str | Path, lists: CandidateListSet, scores: torch.Tensor, meta: dict | None = None) -> Path:
     """Write the lists and their teacher scores together (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "key": lists.key, "digest": lists.digest(), "users": torch.from_numpy(lists.users),
         "histories": torch.from_numpy(lists.histories), "candidates": torch.from_numpy(lists.candidates),
         "target_index": torch.from_numpy(lists.target_index), "scores": scores.float(), "meta": meta or {},
     }  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
     log.info("wrote teacher scores of %d lists to %s", len(lists), path)
     return path
 
@@ -484,61 +483,24 @@ def make_tiny_base_model(seed: int = 0):
 
 
 def load_item_features(recipe: RankerRecipe, dataset: InteractionDataset) -> torch.Tensor | None:
-    """(num_items, F) float32 item features for the student, or None for "ids"."""
-    if recipe.item_features == "ids":
-        return None
-    parts = []
-    for source in recipe.item_features.split("+"):
-        if source == "minilm":
-            parts.append(minilm_item_features(dataset, recipe.cache_dir, recipe.progress_bar))
-            continue
-        if source == "sasrec":
-            parts.append(sasrec_item_features(dataset, recipe.seed, recipe.cache_dir, recipe.progress_bar))
-            continue
-        path = Path(source)
-        if path.is_dir():
-            from mixllm.baselines.sasrec import ITEM_EMBEDDINGS_NAME
-
-            path = path / ITEM_EMBEDDINGS_NAME
-        if path.suffix == ".safetensors" and path.is_file():
-            from safetensors.torch import load_file
-
-            tables = load_file(path)
-            if len(tables) != 1:
-                raise RecipeError("item_features", f"{path} holds {sorted(tables)}; expected one (num_items, F) table")
-            parts.append(_check_table(next(iter(tables.values())), path, dataset))
-            continue
-        if not path.is_file():
-            raise RecipeError("item_features", f"{source!r} is neither 'minilm', 'ids' nor an existing file")
-        table = np.load(path) if path.suffix == ".npy" else torch.load(path, weights_only=True)
-        parts.append(_check_table(table, path, dataset))
-    return torch.cat(parts, dim=1)
-
-
-def _check_table(table, path: Path, dataset: InteractionDataset) -> torch.Tensor:
-    table = torch.as_tensor(table, dtype=torch.float32)
-    if table.dim() != 2 or table.shape[0] != dataset.num_items:
-        raise RecipeError("item_features", f"{path} has shape {tuple(table.shape)}; expected ({dataset.num_items}, F)")
-    if not torch.isfinite(table).all():
-        raise RecipeError("item_features", f"{path} holds NaN or infinite values")
-    return table
-
-
-def _mixllm_home(cache_dir: str | None) -> Path:
-    """``cache_dir`` when given, else the asset cache (``mixllm.assets.mixllm_home``)."""
-    from mixllm.assets import mixllm_home
-
-    return Path(cache_dir) if cache_dir else mixllm_home()
+    """(num_items, F) float32 item features for the student (``mixllm.features.item_feature_table``
+    of ``recipe.item_features``), or None for "ids"; a missing SASRec is trained first."""
+    try:
+        if "sasrec" in parse_feature_spec(recipe.item_features):
+            load_or_train_sasrec(dataset, recipe.seed, recipe.cache_dir, recipe.progress_bar)
+        return item_feature_table(recipe.item_features, dataset, recipe.seed, recipe.cache_dir, recipe.progress_bar)
+    except DataError as error:
+        raise RecipeError("item_features", str(error)) from None
 
 
 def load_or_train_sasrec(dataset: InteractionDataset, seed: int, cache_dir: str | None = None, progress: bool = True):
-    """The baselines' SASRec for ``seed`` (trained on the training split, early-stopped on
-    validation), from ``checkpoints/sasrec-<dataset>-seed<seed>`` under ``$MIXLLM_HOME`` (where
-    ``mixllm eval baselines`` saves it); trained and saved there first if missing (~2 min on CPU)."""
-    from mixllm.baselines.sasrec import SASRec
+    """The baselines' SASRec for ``seed`` (``mixllm.features.load_sasrec``); if there is no checkpoint
+    at ``mixllm.features.sasrec_checkpoint_dir`` yet, one is trained (on the training split,
+    early-stopped on validation, ~2 min on CPU) and saved there first, as ``mixllm eval baselines`` does."""
+    from mixllm.baselines.sasrec import CONFIG_NAME
 
-    directory = _mixllm_home(cache_dir) / "checkpoints" / f"sasrec-{dataset.name}-seed{seed}"
-    if not (directory / "config.json").is_file():
+    directory = sasrec_checkpoint_dir(dataset.name, seed, cache_dir)
+    if not (directory / CONFIG_NAME).is_file():
         from training.sasrec import SASRecTrainConfig, train_sasrec
 
         log.info("no SASRec checkpoint at %s: training one (seed %d, ~2 min on CPU)", directory, seed)
@@ -546,32 +508,7 @@ def load_or_train_sasrec(dataset: InteractionDataset, seed: int, cache_dir: str 
                                    progress_bar=progress)  # fmt: skip
         model.save_pretrained(directory, provenance={"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint(),
                                                      "seed": seed, "train": {k: v for k, v in info.items() if k != "history"}})  # fmt: skip
-    provenance = json.loads((directory / "config.json").read_text()).get("provenance", {})
-    recorded = provenance.get("dataset_fingerprint")
-    if recorded is not None and recorded != dataset.fingerprint():
-        raise RecipeError("item_features", f"{directory} was trained on another version of {dataset.name}; delete it to retrain")
-    return SASRec.from_pretrained(directory)
-
-
-def sasrec_item_features(dataset: InteractionDataset, seed: int, cache_dir: str | None = None, progress: bool = True) -> torch.Tensor:
-    """(num_items, D) item embeddings of :func:`load_or_train_sasrec`'s model."""
-    return load_or_train_sasrec(dataset, seed, cache_dir, progress).item_embeddings().detach().float().clone()
-
-
-def minilm_item_features(dataset: InteractionDataset, cache_dir: str | None = None, progress: bool = True) -> torch.Tensor:
-    """MiniLM-L6 embeddings of ``dataset.item_texts``, cached on disk by the dataset fingerprint."""
-    path = _mixllm_home(cache_dir) / "item_features" / f"{dataset.name}_{dataset.fingerprint()[:16]}_minilm.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    from mixllm.encoders.text import SentenceEncoder
-
-    features = SentenceEncoder.from_pretrained().encode(dataset.item_texts, show_progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(features, tmp)
-    os.replace(tmp, path)
-    log.info("cached MiniLM item features %s", path)
-    return features
+    return load_sasrec(dataset, seed, cache_dir)
 
 
 def build_ranker(recipe: RankerRecipe, dataset: InteractionDataset) -> MixLLMRanker:
@@ -751,14 +688,8 @@ def save_ranker(ranker: MixLLMRanker, path: Path, provenance: dict[str, Any]) ->
         ranker.processor.tokenizer.save_pretrained(base)
         config.language_model = str(base.resolve())
     ranker.save_pretrained(path, provenance=provenance)
-    (path / RUN_INFO_NAME).write_text(json.dumps({"git_revision": _git_revision(), **provenance}, indent=2, default=str))
+    atomic_write_text(path / RUN_INFO_NAME, json.dumps({"git_revision": git_revision(), **provenance}, indent=2, default=str))
     return path
-
-
-def _git_revision() -> str | None:
-    from mixllm.modeling import _git_revision as revision
-
-    return revision()
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 from mixllm.data.split import SPLITS, LeaveOneOutSplit, Split
 from mixllm.errors import DataError
 from mixllm.metrics import METRIC_PATTERN
+from mixllm.provenance import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,7 @@ def get_candidates(
                 )
         log.warning("candidate lists %s do not match the split; sampling them again", path)
     lists = sample_candidates(split, protocol, which, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, candidates=lists.candidates, target_index=lists.target_index, key=np.array(key))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.savez_compressed(tmp, candidates=lists.candidates, target_index=lists.target_index, key=np.array(key))
     log.info("wrote candidate lists %s", path)
     return lists
