@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test assets rankers rankers-eval rankers-ablations clean
+.PHONY: setup demo serve test assets rankers rankers-eval rankers-ablations clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ setup: $(STAMP)
 assets: setup
 	$(VENV)/bin/mixllm assets fetch
 
+# The main job: start the service on the defaults, send example requests, keep serving (DEMO_ONESHOT=1 stops).
 demo: setup
 	$(VENV)/bin/mixllm demo
+
+serve: setup
+	$(VENV)/bin/mixllm serve
 
 test: setup
 	$(PY) -m pytest -q -ra tests

@@ -50,9 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_handler("mixllm.generation:cli_generate"))
 
     # --- demo -------------------------------------------------------------------------------
-    demo = commands.add_parser("demo", help="the main job on the embedded default: fetch assets, load, answer")
-    demo.add_argument("--prompt", default="What is the capital of France?")
-    demo.set_defaults(func=_handler("mixllm.generation:cli_demo"))
+    demo = commands.add_parser("demo", help="the main job: start the ranking service on the defaults, send example "
+                               "requests, print them with curl lines, keep serving (DEMO_ONESHOT=1: stop after)")
+    demo.add_argument("--port", type=int, default=None, help="port (default: MIXLLM_PORT or 8000)")
+    demo.set_defaults(func=_handler("serving.demo:cli_demo"))
+    gen_demo = commands.add_parser("demo-generate", help="fetch assets, load SmolLM2 through mixllm, answer a prompt")
+    gen_demo.add_argument("--prompt", default="What is the capital of France?")
+    gen_demo.set_defaults(func=_handler("mixllm.generation:cli_demo"))
 
     # --- train ------------------------------------------------------------------------------
     train = commands.add_parser("train", help="train a ranker (Lightning): the textual teacher or the distilled student")
@@ -97,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--cache-dir", default=None, help="root for candidate lists and SASRec (default $MIXLLM_HOME)")
     rk.add_argument("--no-progress", action="store_true", help="no progress bars")
     rk.set_defaults(func=_handler("training.ranker_eval:cli_eval_ranker"))
+
+    # --- serve ------------------------------------------------------------------------------
+    from serving.cli import add_serve_parser  # light: settings only, the app is imported when it runs
+
+    add_serve_parser(commands)
     return parser
 
 

@@ -159,8 +159,13 @@ class RankingPromptBuilder:
         candidate_features: torch.Tensor | None = None,
         history_ids: Sequence[int] | torch.Tensor | None = None,
         candidate_ids: Sequence[int] | torch.Tensor | None = None,
+        history_text: str | None = None,
     ) -> RankingPrompt:
         """Items as placeholders; give features (rows) and/or ids per item, as the item encoder needs.
+
+        ``history_text`` instead of history items: the user's context as text, written where the
+        history goes the way the teacher writes an item (``template.text_item``); e.g. the
+        ``query`` of a rerank request.
 
         Raises:
             DataError: no candidates, or features and ids disagree on how many items there are.
@@ -169,8 +174,11 @@ class RankingPromptBuilder:
         n_candidates = _count_items("candidates", candidate_features, candidate_ids)
         if n_candidates == 0:
             raise DataError("candidates: the candidate list is empty")
+        if history_text is not None and n_history:
+            raise DataError("history: give history items or history_text, not both")
         token = self.processor.token("item")
-        prefix, segments = self.template.render([token] * n_history, [token] * n_candidates)
+        history = [token] * n_history if history_text is None else [self.template.text_item.replace("{text}", history_text)]
+        prefix, segments = self.template.render(history, [token] * n_candidates)
         features = _concat_rows("features", history_features, candidate_features, n_history, n_candidates)
         ids = _concat_rows("ids", history_ids, candidate_ids, n_history, n_candidates)
         return self._tokenize(prefix, segments, features, ids)

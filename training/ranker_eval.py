@@ -51,6 +51,7 @@ from mixllm.features import sasrec_checkpoint_dir
 from mixllm.metrics import ranking_metrics
 from mixllm.provenance import atomic_write_text, git_revision, machine_info
 from mixllm.ranking import ItemCatalog, MixLLMRanker, ProtocolRanker, RankingRequest
+from mixllm.retrieval import FaissRetriever
 
 log = logging.getLogger(__name__)
 
@@ -65,34 +66,6 @@ class EvalError(MixLLMError, ValueError):
 
 
 # --- rankers under evaluation --------------------------------------------------------------------
-class FaissRetriever:
-    """Top-k items by inner product between SASRec's user vector and its item embeddings (FAISS)."""
-
-    def __init__(self, sasrec) -> None:
-        import faiss
-
-        self.sasrec = sasrec.eval()
-        items = sasrec.item_embeddings().detach().float().contiguous().numpy()
-        self.index = faiss.IndexFlatIP(items.shape[1])
-        self.index.add(items)
-        self.num_items = items.shape[0]
-
-    @torch.inference_mode()
-    def top_k(self, history: torch.Tensor, allowed: np.ndarray, k: int) -> np.ndarray:
-        """(B, k) item ids, best first, drawn only from ``allowed`` (B, N) bool."""
-        queries = self.sasrec.user_vectors(history).float().contiguous().numpy()  # (B, D)
-        excluded = int((~allowed).sum(1).max())
-        _, ids = self.index.search(queries, min(self.num_items, k + excluded))  # (B, k + excluded)
-        out = np.empty((len(ids), k), dtype=np.int64)
-        for row, (found, ok) in enumerate(zip(ids, allowed)):
-            kept = found[(found >= 0)]
-            kept = kept[ok[kept]][:k]
-            if len(kept) < k:
-                raise MixLLMError(f"retrieval found only {len(kept)} allowed items for a user; --retrieve {k} is too large")
-            out[row] = kept
-        return out
-
-
 def full_ranking_metrics(reranker: Ranker, retriever: FaissRetriever, split: LeaveOneOutSplit, users: np.ndarray,
                          k: int, retrieval_history: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-user full-ranking metrics of ``reranker`` over ``retriever``'s top ``k``, and (B,) bool

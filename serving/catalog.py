@@ -1,0 +1,322 @@
+"""The catalog as one replica sees it: the store's items plus what the models read per item.
+
+The store (:class:`serving.store.Store`) is the only state; everything here is a cache rebuilt from it:
+
+* ``rows``: item id <-> dense row (the store's ``Item.row``), texts, live flags;
+* ``text_vectors``: (N, 384) MiniLM vectors of the item texts (the student's text features);
+* per student model, an :class:`~mixllm.item_cache.ItemTokenCache` of its projected item tokens and
+  the feature rows they were made from;
+* the retriever's item vectors (FAISS) for ``/v1/recommend``.
+
+**Items the collaborative model never saw.** A student reads ``[MiniLM(text) ; SASRec vector]``
+(``checkpoints/student``: 384 + 64). An item added at run time has text but no SASRec vector, so the
+service gives it the **cosine-weighted mean of the SASRec vectors of the 10 catalog items whose
+texts are most similar** (MiniLM cosine, weights = max(cos, 0), plain mean if no neighbour is
+positive): an item that reads like known items lands near them in the collaborative space, instead
+of at a zero vector that no training item ever had. The same neighbours and weights give its
+vector in the retriever's space. A client may send the collaborative vector itself (``features``,
+width = the SASRec hidden size), which then replaces the imputation in every space that is the
+retriever's (see ``same_space``). Seed items keep the exact feature rows the student checkpoint
+stores; if their text is changed, the text part is re-encoded and their own SASRec vector kept
+(their interactions did not change).
+
+Thread safety: every read and write of this state holds ``self.lock`` (model batches hold it
+while they prepare and score, upserts while they write), so a request never sees half an update.
+:meth:`refresh` pulls changes other replicas wrote to the shared store (by catalog version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixllm.errors import DataError
+from mixllm.features import FeatureLayout
+from mixllm.item_cache import ItemTokenCache, cache_key
+from mixllm.ranking import MixLLMRanker
+from serving.errors import Invalid, NotFound
+from serving.store import Item, Store
+
+log = logging.getLogger(__name__)
+
+NEIGHBOURS = 10
+TEXT_PART = "minilm"
+COLLAB_PART = "sasrec"
+SAME_SPACE_ATOL = 1e-3
+"""The student's SASRec columns and the retriever's item vectors count as one space when they agree
+within this: the seed-0 SASRec retrained on another x86 CPU reproduces the vectors the committed
+student stores within 2e-4 (rounding in training), while two different SASRec runs differ by ~0.1."""
+
+
+def neighbour_weights(query: torch.Tensor, keys: torch.Tensor, k: int = NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (n, k), weights (n, k)) of each query's k most cosine-similar keys; weights are
+    max(cos, 0) normalised to sum 1, or uniform when no neighbour is positive.
+
+    ``query`` (n, d) and ``keys`` (N, d) are L2-normalised (MiniLM's vectors are)."""
+    sims = query.float() @ keys.float().T  # (n, N)
+    top, rows = sims.topk(min(k, keys.shape[0]), dim=-1)  # (n, k)
+    weights = top.clamp(min=0)
+    total = weights.sum(-1, keepdim=True)
+    uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
+    return rows, torch.where(total > 0, weights / total.clamp(min=1e-12), uniform)
+
+
+@dataclass
+class StudentItems:
+    """One student model's per-item inputs: how its feature row is laid out, the rows, the tokens."""
+
+    ranker: MixLLMRanker
+    layout: FeatureLayout
+    """Which columns of its feature row are which ("minilm", "sasrec", ...)."""
+    seed_features: torch.Tensor
+    """(N0, F) the feature rows its checkpoint stores for the seed catalog."""
+    features: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    """(N, F) the feature row of every catalog row (what the token cache was made from)."""
+    same_space: bool | None = None
+    """Whether its collaborative columns are the retriever's item vectors (computed once)."""
+
+    def part(self, name: str) -> slice | None:
+        """The columns of part ``name``, None if this student does not read it."""
+        return self.layout.slice(name) if name in self.layout.names else None
+
+
+class Catalog:
+    """See the module doc. Built by :meth:`load`; the services call the methods below."""
+
+    def __init__(self, store: Store, seed_texts: Sequence[str], encode_texts: Callable[[list[str]], torch.Tensor],
+                 students: dict[str, StudentItems], teachers: dict[str, MixLLMRanker], retriever=None,
+                 cache_dir: Path | None = None, checkpoints: dict[str, Path] | None = None) -> None:
+        self.store, self.seed_texts, self.encode_texts = store, list(seed_texts), encode_texts
+        self.students, self.teachers, self.retriever = students, teachers, retriever
+        self.cache_dir, self.checkpoints = cache_dir, checkpoints or {}
+        self.lock = threading.RLock()
+        self.version = -1
+        self.row_of: dict[str, int] = {}
+        self.item_ids: list[str] = []
+        self.texts: list[str] = []
+        self.live = np.zeros(0, dtype=bool)
+        self.client_features: dict[int, np.ndarray] = {}
+        self.text_vectors = torch.empty(0)
+        self._seed_collab = self._retriever_seed_vectors()
+
+    # --- building -------------------------------------------------------------------------------
+    @property
+    def num_seed(self) -> int:
+        return len(self.seed_texts)
+
+    def _retriever_seed_vectors(self) -> torch.Tensor | None:
+        if self.retriever is None:
+            return None
+        return self.retriever.item_vectors[: self.num_seed].clone()
+
+    def load(self) -> None:
+        """Read the whole catalog from the store and (re)build every per-row cache."""
+        with self.lock:
+            version, items = self.store.catalog_changes(0)
+            self.item_ids = [it.item_id for it in items]
+            self.row_of = {it.item_id: it.row for it in items}
+            self.texts = [it.text for it in items]
+            self.live = np.array([not it.deleted for it in items], dtype=bool)
+            self.client_features = {it.row: it.features for it in items if it.features is not None}
+            self.text_vectors = self._text_vectors(self.texts)
+            for name, student in self.students.items():
+                student.features = self._student_rows(student, list(range(len(items))))
+                self._load_token_cache(name, student)
+            for teacher in self.teachers.values():
+                teacher.catalog.texts = self.texts
+            if self.retriever is not None:
+                new = [r for r in range(len(items)) if r >= self.num_seed or r in self.client_features]
+                if new:
+                    self.retriever.set_rows(new, self._retriever_rows(new))
+            self.version = version
+
+    def _text_vectors(self, texts: list[str]) -> torch.Tensor:
+        """MiniLM vectors of ``texts``, cached on disk by a hash of the texts."""
+        digest = hashlib.sha256("\x1f".join(texts).encode()).hexdigest()[:24]
+        path = None if self.cache_dir is None else self.cache_dir / f"text_vectors-{digest}.pt"
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=True)
+        vectors = self.encode_texts(texts)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(vectors, tmp)
+            tmp.replace(path)
+        return vectors
+
+    def _is_original(self, row: int) -> bool:
+        """A seed item with its seed text: its stored feature rows are exact."""
+        return row < self.num_seed and self.texts[row] == self.seed_texts[row]
+
+    def _load_token_cache(self, name: str, student: StudentItems) -> None:
+        model = student.ranker.model
+        key = cache_key(self.checkpoints.get(name, Path(".")), student.features)
+        device = next(model.parameters()).device
+        path = None if self.cache_dir is None else self.cache_dir / f"{name}-{key[:24]}.safetensors"
+        cache = None if path is None else ItemTokenCache.load(path, key, device)
+        if cache is None:
+            cache = ItemTokenCache.build(model, features=student.features)
+            if path is not None:
+                cache.save(path, key)
+                log.info("built the item token cache of %s: %d rows -> %s", name, cache.num_rows, path)
+        student.ranker.token_cache = cache
+
+    # --- per-row features -----------------------------------------------------------------------
+    def _student_rows(self, student: StudentItems, rows: list[int]) -> torch.Tensor:
+        """(n, F) what ``student`` reads for catalog ``rows``: the stored rows for original seed
+        items, :meth:`_derive` for the others."""
+        out = student.seed_features.new_zeros(len(rows), student.seed_features.shape[1])
+        derived = [i for i, r in enumerate(rows) if not self._is_original(r) or r in self.client_features]
+        original = sorted(set(range(len(rows))) - set(derived))
+        if original:
+            out[original] = student.seed_features[[rows[i] for i in original]]
+        if derived:
+            derived_rows = [rows[i] for i in derived]
+            out[derived] = self._derive(student, self.text_vectors[derived_rows], derived_rows)
+        return out
+
+    def document_features(self, student: StudentItems, texts: list[str]) -> torch.Tensor:
+        """(n, F) feature rows of texts the catalog does not hold (``/v1/rerank`` documents)."""
+        return self._derive(student, self.encode_texts(texts), [None] * len(texts))
+
+    def _collab(self, seed_table: torch.Tensor, vectors: torch.Tensor, rows: list[int | None], client_ok: bool) -> torch.Tensor:
+        """(n, c) collaborative vectors in the space of ``seed_table`` (N0, c): the client's vector
+        (when ``client_ok``), else the seed item's own (its interactions do not change with its
+        text), else the neighbour mean over the seed items with the most similar texts."""
+        nb_rows, weights = neighbour_weights(vectors, self.text_vectors[: self.num_seed])
+        out = torch.einsum("nk,nkc->nc", weights, seed_table[nb_rows].float())
+        for i, row in enumerate(rows):
+            given = None if row is None else self.client_features.get(row)
+            if given is not None and client_ok:
+                out[i] = torch.as_tensor(given, dtype=torch.float32)
+            elif row is not None and row < self.num_seed:
+                out[i] = seed_table[row]
+        return out
+
+    def _derive(self, student: StudentItems, vectors: torch.Tensor, rows: list[int | None]) -> torch.Tensor:
+        """(n, F) feature rows: MiniLM ``vectors`` in the text columns, :meth:`_collab` in the
+        collaborative ones. ``rows``: the catalog rows (None for texts outside the catalog)."""
+        other = [p for p in student.layout.names if p not in (TEXT_PART, COLLAB_PART)]
+        if other:
+            raise DataError(f"the student reads item features {other}; the service derives features only for "
+                            f"'{TEXT_PART}' and '{COLLAB_PART}'")
+        out = torch.zeros(len(vectors), student.seed_features.shape[1])
+        text, collab = student.part(TEXT_PART), student.part(COLLAB_PART)
+        if text is not None:
+            out[:, text] = vectors.float()
+        if collab is not None:
+            out[:, collab] = self._collab(student.seed_features[:, collab], vectors, rows, self.same_space(student))
+        return out
+
+    def same_space(self, student: StudentItems) -> bool:
+        """Whether the student's collaborative columns are the retriever's item vectors (then a
+        client's collaborative vector means the same thing to both)."""
+        if student.same_space is None:
+            collab = student.part(COLLAB_PART)
+            student.same_space = (
+                collab is not None and self._seed_collab is not None
+                and self._seed_collab.shape[1] == collab.stop - collab.start
+                and bool(torch.allclose(student.seed_features[:, collab], self._seed_collab, atol=SAME_SPACE_ATOL))
+            )  # fmt: skip
+        return student.same_space
+
+    def _retriever_rows(self, rows: list[int]) -> torch.Tensor:
+        return self._collab(self._seed_collab, self.text_vectors[rows], rows, client_ok=True)
+
+    @property
+    def collab_width(self) -> int | None:
+        return None if self._seed_collab is None else int(self._seed_collab.shape[1])
+
+    # --- reads ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Apply the changes other replicas made to the store since this replica last looked."""
+        if self.store.catalog_version() == self.version:
+            return
+        with self.lock:
+            version, changed = self.store.catalog_changes(self.version)  # one snapshot: no write slips between
+            if changed:
+                self._apply(changed)
+            self.version = max(self.version, version)
+
+    def rows(self, item_ids: Sequence[str], field: str) -> list[int]:
+        """Rows of live items; NotFound naming ``field[i]`` and the id otherwise."""
+        out = []
+        for i, item_id in enumerate(item_ids):
+            row = self.row_of.get(item_id)
+            if row is None or not self.live[row]:
+                raise NotFound(f"{field}[{i}]: unknown item id {item_id!r}", field=f"{field}[{i}]", value=item_id)
+            out.append(row)
+        return out
+
+    def item(self, item_id: str) -> Item:
+        item = self.store.get_item(item_id)
+        if item is None:
+            raise NotFound(f"item_id: unknown item id {item_id!r}", field="item_id", value=item_id)
+        return item
+
+    # --- writes ---------------------------------------------------------------------------------
+    def upsert(self, item_id: str, text: str, features: Sequence[float] | None = None) -> tuple[Item, bool]:
+        """Store the item (durably), then compute its tokens once and write them into every cache."""
+        vector = None
+        if features is not None:
+            width = self.collab_width
+            if width is None:
+                raise Invalid("features: this service has no collaborative model to read them", field="features")
+            if len(features) != width:
+                raise Invalid(f"features: expected {width} numbers (the SASRec vector), got {len(features)}",
+                              field="features", value=len(features), limit=width)
+            vector = np.asarray(features, dtype=np.float32)
+        with self.lock:
+            item, created = self.store.upsert_item(item_id, text, vector)
+            self._apply([item])
+            self.version = max(self.version, item.version)
+        return item, created
+
+    def delete(self, item_id: str) -> Item:
+        with self.lock:
+            item = self.store.delete_item(item_id)
+            if item is None:
+                raise NotFound(f"item_id: unknown item id {item_id!r}", field="item_id", value=item_id)
+            self._apply([item])
+            self.version = max(self.version, item.version)
+        return item
+
+    def _apply(self, items: list[Item]) -> None:
+        """Bring every cache in line with these (changed) store items."""
+        grow = max(it.row for it in items) + 1 - len(self.item_ids)
+        if grow > 0:
+            self.item_ids += [""] * grow
+            self.texts += [""] * grow
+            self.live = np.concatenate([self.live, np.zeros(grow, dtype=bool)])
+        rows = [it.row for it in items]
+        for it in items:
+            self.item_ids[it.row], self.texts[it.row], self.live[it.row] = it.item_id, it.text, not it.deleted
+            self.row_of[it.item_id] = it.row
+            if it.features is not None:
+                self.client_features[it.row] = it.features
+            else:
+                self.client_features.pop(it.row, None)
+        vectors = self.encode_texts([it.text for it in items])
+        if self.text_vectors.shape[0] < len(self.item_ids):
+            pad = torch.zeros(len(self.item_ids) - self.text_vectors.shape[0], self.text_vectors.shape[1])
+            self.text_vectors = torch.cat([self.text_vectors, pad])
+        self.text_vectors[rows] = vectors.float()
+        for student in self.students.values():
+            new_rows = self._student_rows(student, rows)
+            if student.features.shape[0] < len(self.item_ids):
+                pad = torch.zeros(len(self.item_ids) - student.features.shape[0], student.features.shape[1])
+                student.features = torch.cat([student.features, pad])
+            student.features[rows] = new_rows
+            tokens = ItemTokenCache.encode(student.ranker.model, features=new_rows)
+            student.ranker.token_cache.put(rows, tokens)
+        for teacher in self.teachers.values():
+            teacher.catalog.texts = self.texts
+        if self.retriever is not None:
+            self.retriever.set_rows(rows, self._retriever_rows(rows))

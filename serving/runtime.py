@@ -1,0 +1,117 @@
+"""Start-up: open the store (seeding it on first start), load the models, build the caches, warm up.
+
+:func:`load_runtime` is what the app's lifespan runs (in a thread, so ``/health`` answers while it
+works). Everything heavy happens here, nothing at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixllm.data import load_dataset
+from mixllm.errors import DataError
+from mixllm.features import FeatureLayout
+from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
+from serving.catalog import Catalog, StudentItems
+from serving.services import EventService, RankingService, ServedModel
+from serving.settings import Settings
+from serving.store import Store, seed_from_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the routes call: the services and what they stand on."""
+
+    settings: Settings
+    store: Store
+    catalog: Catalog
+    models: dict[str, ServedModel]
+    ranking: RankingService
+    events: EventService
+    device: torch.device
+
+
+def serving_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda: no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
+    """Open, seed, load and warm up (see module doc). ``encode_texts`` (texts -> (n, 384)) defaults to
+    the packaged MiniLM."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = serving_device(settings.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    Path(settings.store).parent.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.store)
+    dataset = load_dataset(settings.dataset)
+    if seed_from_dataset(store, dataset):
+        log.info("seeded %s with %s: %d items, %d events", settings.store, dataset.name, store.num_items(), store.num_events())
+    if encode_texts is None:
+        from mixllm.encoders.text import SentenceEncoder
+
+        encoder = SentenceEncoder.from_pretrained()
+
+        def encode_texts(texts: list[str]) -> torch.Tensor:
+            return encoder.encode(list(texts))
+
+    models: dict[str, ServedModel] = {}
+    students: dict[str, StudentItems] = {}
+    teachers: dict[str, MixLLMRanker] = {}
+    for name, path in settings.models.items():
+        if not path.is_dir():
+            raise DataError(f"--checkpoint {name}={path}: no such checkpoint directory")
+        start = time.perf_counter()
+        ranker = MixLLMRanker.from_pretrained(path, ItemCatalog(texts=list(dataset.item_texts)), dtype=dtype).to(device)
+        models[name] = ServedModel(name, ranker.eval(), time.perf_counter() - start)
+        if ranker.mode == "student":
+            if ranker.catalog.features is None or ranker.catalog.features.shape[0] != dataset.num_items:
+                raise DataError(f"--checkpoint {name}={path}: the student must store features of the "
+                                f"{dataset.num_items} {dataset.name} items (catalog_features.safetensors)")
+            students[name] = StudentItems(ranker, FeatureLayout.from_checkpoint(path), ranker.catalog.features.float())
+        else:
+            teachers[name] = ranker
+        log.info("loaded %s (%s) from %s in %.1f s", name, ranker.mode, path, models[name].load_seconds)
+    retriever = None
+    if settings.sasrec:
+        from mixllm.baselines.sasrec import SASRec
+        from mixllm.retrieval import FaissRetriever
+
+        if not (Path(settings.sasrec) / "config.json").is_file():
+            raise DataError(f"--sasrec {settings.sasrec}: not a SASRec checkpoint (config.json is missing)")
+        sasrec = SASRec.from_pretrained(settings.sasrec)
+        if sasrec.config.num_items != dataset.num_items:
+            raise DataError(f"--sasrec {settings.sasrec}: trained on {sasrec.config.num_items} items, the catalog "
+                            f"seed has {dataset.num_items}")
+        retriever = FaissRetriever(sasrec)
+    catalog = Catalog(store, dataset.item_texts, encode_texts, students, teachers, retriever,
+                      cache_dir=settings.token_cache_dir, checkpoints=settings.models)
+    start = time.perf_counter()
+    catalog.load()
+    log.info("catalog: %d items (%d live), caches ready in %.1f s", len(catalog.item_ids), int(catalog.live.sum()),
+             time.perf_counter() - start)
+    ranking = RankingService(settings, catalog, models)
+    runtime = Runtime(settings, store, catalog, models, ranking, EventService(settings, catalog), device)
+    if settings.warmup:
+        warm_up(runtime)
+    return runtime
+
+
+def warm_up(runtime: Runtime) -> None:
+    """One small request per model, so the first client does not pay for lazy initialisation."""
+    live = [row for row in range(len(runtime.catalog.item_ids)) if runtime.catalog.live[row]][:12]
+    if len(live) < 3:
+        return
+    for model in runtime.models.values():
+        runtime.ranking.run_batch(model, [RankingRequest(history=live[:2], candidates=live[2:])])

@@ -1,0 +1,234 @@
+"""The service's verbs as plain Python: rank, recommend, rerank, items, events. No FastAPI here.
+
+Model work runs in :class:`~serving.batching.MicroBatcher` worker threads: the async methods build
+a request on the event loop (cheap dict look-ups), submit it to the model's batcher and await the
+scores, so concurrent requests share one forward.
+
+**History length.** A ranker reads at most its ``max_history`` items (10 for the committed
+checkpoints). A longer history (given explicitly, or a user with more events) is **truncated to the
+most recent** items, and the response says so (``history.given`` vs ``history.used``): a client is
+never refused for a long history, and can see what was read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mixllm.data import PAD
+from mixllm.errors import DataError
+from mixllm.ranking import MixLLMRanker, RankingRequest, collate_prompts
+from serving.batching import MicroBatcher
+from serving.catalog import Catalog
+from serving.errors import Invalid, NotFound
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """A ranker the service answers with."""
+
+    name: str
+    ranker: MixLLMRanker
+    load_seconds: float
+    batcher: MicroBatcher | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.ranker.mode  # "teacher" | "student"
+
+    @property
+    def max_history(self) -> int:
+        return self.ranker.max_history or 10
+
+
+@dataclass
+class UserContext:
+    """A request's user: the item rows the ranker reads and what the service did to the history."""
+
+    rows: list[int]
+    """History rows, oldest first, at most the model's max_history."""
+    given: int
+    """History items available (before truncation)."""
+    seen: set[int] = field(default_factory=set)
+    """Rows the user interacted with (for exclude_seen)."""
+    retrieval_rows: list[int] = field(default_factory=list)
+    """The longer history the retriever reads (up to its max_len)."""
+
+    def describe(self) -> dict:
+        return {"given": self.given, "used": len(self.rows), "truncated": self.given > len(self.rows)}
+
+
+@dataclass
+class Ranked:
+    """Scores of one request, best first."""
+
+    model: str
+    results: list[dict]
+    prompt_tokens: int
+    history: dict | None = None
+
+
+class RankingService:
+    """rank / recommend / rerank over the catalog with the served models."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, models: dict[str, ServedModel]) -> None:
+        self.settings, self.catalog, self.models = settings, catalog, models
+        self.default_model = next(iter(models))
+
+    # --- helpers --------------------------------------------------------------------------------
+    def model(self, name: str | None) -> ServedModel:
+        name = name or self.default_model
+        if name not in self.models:
+            raise NotFound(f"model: unknown model {name!r} (served: {', '.join(self.models)})", field="model", value=name)
+        return self.models[name]
+
+    def user_context(self, user_id: str | None, history: Sequence[str] | None, max_history: int) -> UserContext:
+        """Resolve ``{"id": ...}`` or ``{"history": [...]}`` into rows (most recent max_history)."""
+        retrieval_len = self.catalog.retriever.sasrec.config.max_len if self.catalog.retriever is not None else max_history
+        if user_id is not None:
+            store = self.catalog.store
+            if not store.has_user(user_id):
+                raise NotFound(f"user.id: unknown user id {user_id!r}", field="user.id", value=user_id)
+            ids = store.history(user_id)
+            rows = [self.catalog.row_of[i] for i in ids if i in self.catalog.row_of and self.catalog.live[self.catalog.row_of[i]]]
+            seen = {self.catalog.row_of[i] for i in store.seen(user_id) if i in self.catalog.row_of}
+        else:
+            rows = self.catalog.rows(list(history or []), "user.history")
+            seen = set(rows)
+        return UserContext(rows[-max_history:] if max_history else [], len(rows), seen, rows[-retrieval_len:])
+
+    def _check_candidates(self, candidates: Sequence[str], field: str = "candidates") -> None:
+        limit = self.settings.max_candidates
+        if not candidates:
+            raise Invalid(f"{field}: the list is empty; give at least one item id", field=field, value=0, limit=1)
+        if len(candidates) > limit:
+            raise Invalid(f"{field}: {len(candidates)} items is more than the limit of {limit} (max_candidates)",
+                          field=field, value=len(candidates), limit=limit)
+        seen: dict[str, int] = {}
+        for i, c in enumerate(candidates):
+            if c in seen:
+                raise Invalid(f"{field}[{i}]: item id {c!r} repeats {field}[{seen[c]}]; candidates must be distinct",
+                              field=f"{field}[{i}]", value=c)
+            seen[c] = i
+
+    # --- the model call (worker thread) ---------------------------------------------------------
+    def run_batch(self, model: ServedModel, requests: list[RankingRequest]) -> list:
+        """Score a batch in one forward; a request that fails alone gets its exception back."""
+        ranker = model.ranker
+        with self.catalog.lock, torch.inference_mode():
+            prompts, out = [], [None] * len(requests)
+            for i, request in enumerate(requests):
+                try:
+                    prompts.append((i, ranker.build_prompt(request, i)))
+                except DataError as error:
+                    out[i] = Invalid(str(error), field="request")
+            if prompts:
+                inputs = collate_prompts([p for _, p in prompts], ranker.processor.pad_token_id, _dtype(ranker))
+                device = next(ranker.parameters()).device
+                scores = ranker(inputs.to(device)).float().cpu()
+                for b, (i, prompt) in enumerate(prompts):
+                    out[i] = (scores[b, : len(prompt.segment_ids)], prompt.num_tokens)
+        return out
+
+    async def _score(self, model: ServedModel, request: RankingRequest) -> tuple[torch.Tensor, int]:
+        return await model.batcher.submit(request)
+
+    # --- verbs ----------------------------------------------------------------------------------
+    async def rank(self, user_id: str | None, history: Sequence[str] | None, candidates: Sequence[str],
+                   top_n: int | None = None, model_name: str | None = None) -> Ranked:
+        model = self.model(model_name)
+        self._check_candidates(candidates)
+        self.catalog.refresh()
+        context = self.user_context(user_id, history, model.max_history)
+        rows = self.catalog.rows(candidates, "candidates")
+        scores, tokens = await self._score(model, RankingRequest(context.rows, rows))
+        order = torch.argsort(scores, descending=True, stable=True).tolist()[: top_n or len(rows)]
+        results = [{"item_id": candidates[i], "index": i, "score": float(scores[i])} for i in order]
+        return Ranked(model.name, results, tokens, context.describe())
+
+    async def recommend(self, user_id: str | None, history: Sequence[str] | None, k: int, exclude_seen: bool = True,
+                        model_name: str | None = None) -> Ranked:
+        model = self.model(model_name)
+        retriever = self.catalog.retriever
+        if retriever is None:
+            raise NotFound("recommend: this service runs without a retriever (--sasrec)", field="sasrec")
+        self.catalog.refresh()
+        context = self.user_context(user_id, history, model.max_history)
+        with self.catalog.lock:
+            allowed = self.catalog.live.copy()
+            if exclude_seen and context.seen:
+                allowed[list(context.seen)] = False
+            available = int(allowed.sum())
+            if available == 0:
+                return Ranked(model.name, [], 0, context.describe())
+            pool = min(self.settings.retrieve, available)
+            length = len(context.retrieval_rows)
+            history = torch.full((1, max(length, 1)), PAD, dtype=torch.long)
+            if length:
+                history[0, -length:] = torch.as_tensor(context.retrieval_rows)
+            candidates = retriever.top_k(history, allowed[None], pool)[0].tolist()
+        scores, tokens = await self._score(model, RankingRequest(context.rows, candidates))
+        order = torch.argsort(scores, descending=True, stable=True).tolist()[:k]
+        ids = self.catalog.item_ids
+        results = [{"item_id": ids[candidates[i]], "index": i, "score": float(scores[i]),
+                    "text": self.catalog.texts[candidates[i]]} for i in order]
+        return Ranked(model.name, results, tokens, context.describe())
+
+    def rerank_sync(self, query: str, documents: Sequence[str], model: ServedModel) -> tuple[list[float], int]:
+        """Scores of documents the catalog does not hold (worker thread). A student encodes them on
+        the fly (MiniLM + the neighbour-mean collaborative part, as for new items) and reads the
+        query as text where the history goes; a teacher reads both as text."""
+        ranker = model.ranker
+        with self.catalog.lock, torch.inference_mode():
+            if model.kind == "teacher":
+                prompt = ranker.prompts.teacher([query], list(documents))
+            else:
+                student = self.catalog.students[model.name]
+                features = self.catalog.document_features(student, list(documents))
+                prompt = ranker.prompts.student(candidate_features=features, history_text=query)
+            inputs = collate_prompts([prompt], ranker.processor.pad_token_id, _dtype(ranker))
+            device = next(ranker.parameters()).device
+            scores = ranker(inputs.to(device)).float().cpu()[0, : len(documents)]
+        return scores.tolist(), prompt.num_tokens
+
+
+def _dtype(ranker: MixLLMRanker) -> torch.dtype:
+    return next(ranker.model.language_model.parameters()).dtype
+
+
+def softmax(scores: Sequence[float]) -> list[float]:
+    """Relevance scores of a rerank: softmax over the request's documents (sums to 1)."""
+    top = max(scores)
+    exp = [math.exp(s - top) for s in scores]
+    total = sum(exp)
+    return [e / total for e in exp]
+
+
+class EventService:
+    """Appends interactions to users' histories (durably, in the store)."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings, self.catalog = settings, catalog
+
+    def append(self, events: Sequence[tuple[str, str, float | None]]) -> list:
+        limit = self.settings.max_events
+        if not events:
+            raise Invalid("events: the list is empty", field="events", value=0, limit=1)
+        if len(events) > limit:
+            raise Invalid(f"events: {len(events)} events is more than the limit of {limit} (max_events)",
+                          field="events", value=len(events), limit=limit)
+        self.catalog.refresh()
+        for i, (_, item_id, _) in enumerate(events):
+            row = self.catalog.row_of.get(item_id)
+            if row is None or not self.catalog.live[row]:
+                raise NotFound(f"events[{i}].item_id: unknown item id {item_id!r}", field=f"events[{i}].item_id", value=item_id)
+        now = time.time()
+        return self.catalog.store.append_events([(u, i, now if t is None else t) for u, i, t in events])
