@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import signal
@@ -28,7 +29,7 @@ import httpx
 
 from serving.settings import Settings
 
-NEW_ITEM = ("demo-toy-story-4", "Toy Story 4 (2019), Animation|Children's|Comedy")
+NEW_ITEM = ("demo-toy-story-4", "Toy Story 4 (2019); genres: Animation, Children's, Comedy")  # the catalog's text format
 ANIMATION_FAN = ("demo-user-animation", ["1", "95", "71", "588"])  # Toy Story, Aladdin, The Lion King, Beauty and the Beast
 
 
@@ -82,6 +83,8 @@ def run_examples(base: str, api_key: str | None = None) -> None:
         ids = [r["item_id"] for r in body.get("results", [])]
         where = f"at position {ids.index(NEW_ITEM[0]) + 1}" if NEW_ITEM[0] in ids else "not in the top 10"
         print(f"  -> the new movie {NEW_ITEM[0]!r} is {where}")
+        call("Where the new movie ranks among the top 10 for that user (POST /v1/rank)", "POST", "/v1/rank",
+             {"user": {"id": user}, "candidates": [NEW_ITEM[0], *[i for i in ids if i != NEW_ITEM[0]][:9]]})
         call("Rerank texts the catalog does not hold (POST /v1/rerank, Cohere shape)", "POST", "/v1/rerank",
              {"query": "Animated films for a family evening", "documents": ["Finding Nemo (2003), Animation|Children's",
               "Saw (2004), Horror|Thriller", "Shrek (2001), Animation|Comedy"], "return_documents": True})
@@ -110,6 +113,7 @@ def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 900) -> 
 
 
 def cli_demo(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo prints its own lines
     settings = Settings.from_env(port=args.port)
     base = f"http://{settings.host}:{settings.port}"
     command = [sys.executable, "-m", "mixllm", "serve", "--port", str(settings.port)]
