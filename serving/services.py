@@ -12,6 +12,7 @@ never refused for a long history, and can see what was read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -146,41 +147,50 @@ class RankingService:
                    top_n: int | None = None, model_name: str | None = None) -> Ranked:
         model = self.model(model_name)
         self._check_candidates(candidates)
-        self.catalog.refresh()
-        context = self.user_context(user_id, history, model.max_history)
-        rows = self.catalog.rows(candidates, "candidates")
+        # Store reads and the catalog lock (held by a running forward) stay off the event loop.
+        context, rows = await asyncio.to_thread(self._resolve, user_id, history, model.max_history, candidates)
         scores, tokens = await self._score(model, RankingRequest(context.rows, rows))
         order = torch.argsort(scores, descending=True, stable=True).tolist()[: top_n or len(rows)]
         results = [{"item_id": candidates[i], "index": i, "score": float(scores[i])} for i in order]
         return Ranked(model.name, results, tokens, context.describe())
 
+    def _resolve(self, user_id, history, max_history: int, candidates: Sequence[str] = ()) -> tuple[UserContext, list[int]]:
+        """(worker thread) Pull other replicas' catalog changes, then the user's rows and the candidates' rows."""
+        self.catalog.refresh()
+        with self.catalog.lock:
+            return self.user_context(user_id, history, max_history), self.catalog.rows(candidates, "candidates")
+
     async def recommend(self, user_id: str | None, history: Sequence[str] | None, k: int, exclude_seen: bool = True,
                         model_name: str | None = None) -> Ranked:
         model = self.model(model_name)
-        retriever = self.catalog.retriever
-        if retriever is None:
+        if self.catalog.retriever is None:
             raise NotFound("recommend: this service runs without a retriever (--sasrec)", field="sasrec")
-        self.catalog.refresh()
-        context = self.user_context(user_id, history, model.max_history)
-        with self.catalog.lock:
-            allowed = self.catalog.live.copy()
-            if exclude_seen and context.seen:
-                allowed[list(context.seen)] = False
-            available = int(allowed.sum())
-            if available == 0:
-                return Ranked(model.name, [], 0, context.describe())
-            pool = min(self.settings.retrieve, available)
-            length = len(context.retrieval_rows)
-            history = torch.full((1, max(length, 1)), PAD, dtype=torch.long)
-            if length:
-                history[0, -length:] = torch.as_tensor(context.retrieval_rows)
-            candidates = retriever.top_k(history, allowed[None], pool)[0].tolist()
+        context, candidates = await asyncio.to_thread(self._retrieve, user_id, history, model.max_history, exclude_seen)
+        if not candidates:
+            return Ranked(model.name, [], 0, context.describe())
         scores, tokens = await self._score(model, RankingRequest(context.rows, candidates))
         order = torch.argsort(scores, descending=True, stable=True).tolist()[:k]
         ids = self.catalog.item_ids
         results = [{"item_id": ids[candidates[i]], "index": i, "score": float(scores[i]),
                     "text": self.catalog.texts[candidates[i]]} for i in order]
         return Ranked(model.name, results, tokens, context.describe())
+
+    def _retrieve(self, user_id, history, max_history: int, exclude_seen: bool) -> tuple[UserContext, list[int]]:
+        """(worker thread) The user and the retriever's top ``retrieve`` rows among the allowed items."""
+        context, _ = self._resolve(user_id, history, max_history)
+        with self.catalog.lock:
+            allowed = self.catalog.live.copy()
+            if exclude_seen and context.seen:
+                allowed[list(context.seen)] = False
+            available = int(allowed.sum())
+            if available == 0:
+                return context, []
+            length = len(context.retrieval_rows)
+            padded = torch.full((1, max(length, 1)), PAD, dtype=torch.long)
+            if length:
+                padded[0, -length:] = torch.as_tensor(context.retrieval_rows)
+            pool = min(self.settings.retrieve, available)
+            return context, self.catalog.retriever.top_k(padded, allowed[None], pool)[0].tolist()
 
     def rerank_sync(self, query: str, documents: Sequence[str], model: ServedModel) -> tuple[list[float], int]:
         """Scores of documents the catalog does not hold (worker thread). A student encodes them on
