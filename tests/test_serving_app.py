@@ -415,6 +415,35 @@ def test_overload_answers_503_with_retry_after_and_recovers(client, world, monke
     assert _runtime(client).models["student"].batcher.depth == 0
 
 
+def test_health_answers_while_the_model_is_busy(client, world, monkeypatch):
+    """Model work runs off the event loop: while a forward is in progress (held open here until
+    /health has answered), /health, /ready and a catalog read still answer. If any of them waited
+    for the model, the gate would never open and the test would fail on the 10 s waits, not hang."""
+    ranking = _runtime(client).ranking
+    original = ranking.run_batch
+    inside, gate = threading.Event(), threading.Event()
+
+    def held_batch(model, batch):
+        inside.set()
+        assert gate.wait(10), "the gate never opened: /health waited for the model"
+        return original(model, batch)
+
+    monkeypatch.setattr(ranking, "run_batch", held_batch)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(response=client.post(
+        "/v1/rank", json={"user": {"id": world.user_ids[0]}, "candidates": world.item_ids[:4]})))
+    worker.start()
+    assert inside.wait(10)  # the forward has started and holds the model thread (and the catalog lock)
+    try:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 200
+        assert client.get(f"/v1/items/{world.item_ids[0]}").status_code == 200
+    finally:
+        gate.set()
+        worker.join(20)
+    assert result["response"].status_code == 200
+
+
 def test_api_key_guards_every_route_but_health_and_ready(world, tmp_path):
     gate = threading.Event()  # the runtime never loads: the key is checked before anything else
     settings = world.settings(tmp_path / "store.sqlite", api_key="s3cret")
