@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo serve test assets rankers rankers-eval rankers-ablations clean
+.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup
 
 serve: setup
 	$(VENV)/bin/mixllm serve
+
+# The service's latency and throughput at concurrency 1, 8 and 32 (student, teacher, /v1/recommend) next to
+# the bare scorer in one run -> reports/serving.json and BENCHMARKS.md; about 5 min on a 2-core CPU.
+bench-serve: setup
+	$(PY) -m serving.bench
 
 test: setup
 	$(PY) -m pytest -q -ra tests

@@ -2,11 +2,19 @@
 
 A :class:`MicroBatcher` owns a bounded queue and one worker task. ``await batcher.submit(x)``
 enqueues ``x`` and waits for its result; the worker takes the first waiting item, then keeps taking
-items until it holds ``max_batch_size`` or ``max_wait_ms`` have passed since the first, and runs
+items until it holds ``max_batch_size`` or its wait for company is over, and runs
 ``fn(items) -> results`` in a single worker thread (so the event loop keeps answering ``/health``
 while the model runs, and model calls never overlap). A full queue raises :class:`Overloaded`
 at once (the route answers 503 with ``Retry-After``): memory stays bounded under any load, and the
 service recovers as soon as the load stops.
+
+**How long a batch waits for company** adapts to the load: nothing while requests come one at a
+time (the last batch held one request: waiting would only add latency), otherwise
+``wait_fraction`` of the last model call's duration, at most ``max_wait_ms``. Closed-loop clients
+(each sends its next request when the last returns) arrive spread over a few milliseconds after a
+batch completes; a fixed 2 ms wait caught about half of 8 such clients on a CPU where a forward
+takes 250 ms, while 10 % of the forward (25 ms there, 0.5 ms for a 5 ms GPU forward) fills the
+batch and costs at most 10 % latency.
 
 An exception raised by ``fn`` for a batch is re-raised in every request of that batch; ``fn`` may
 instead return an exception instance in a request's slot to fail that request alone.
@@ -36,6 +44,7 @@ class MicroBatcher:
         fn: ``items -> results`` (same length), run in the worker thread.
         max_batch_size: most items per call.
         max_wait_ms: the longest the first item of a batch waits for company.
+        wait_fraction: the wait for company as a fraction of the last call's duration (see above).
         max_queue: most items waiting; more raise :class:`Overloaded`.
         executor: the thread model calls run in (shared by several batchers so that models on one
             device take turns); a private single thread by default.
@@ -43,10 +52,12 @@ class MicroBatcher:
     """
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], name: str, max_batch_size: int = 8,
-                 max_wait_ms: float = 2.0, max_queue: int = 64, executor: ThreadPoolExecutor | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 max_wait_ms: float = 50.0, max_queue: int = 64, executor: ThreadPoolExecutor | None = None,
+                 on_batch: Callable[[int, int], None] | None = None, wait_fraction: float = 0.1) -> None:
         self.fn, self.name = fn, name
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
+        self.wait_fraction = wait_fraction
+        self._last_size, self._last_seconds = 0, 0.0
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batcher-{name}")
         self.on_batch = on_batch
@@ -83,11 +94,18 @@ class MicroBatcher:
             raise Overloaded(f"model {self.name!r}", self.max_queue) from None
         return await future
 
+    @property
+    def wait_s(self) -> float:
+        """How long the next batch's first item waits for company (module doc)."""
+        if self._last_size <= 1:
+            return 0.0
+        return min(self.max_wait_s, self.wait_fraction * self._last_seconds)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.max_wait_s
+            deadline = time.monotonic() + self.wait_s
             while len(batch) < self.max_batch_size:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
@@ -104,6 +122,7 @@ class MicroBatcher:
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(live), self._queue.qsize())
+            start = time.monotonic()
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
             except Exception as error:  # noqa: BLE001 - handed to every waiting request, which maps it
@@ -111,6 +130,8 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(error)
                 continue
+            finally:
+                self._last_size, self._last_seconds = len(live), time.monotonic() - start
             for (_, fut), result in zip(live, results):
                 if fut.done():
                     continue

@@ -46,13 +46,25 @@ def serving_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def load_ranker(path: Path, item_texts: list[str], device: torch.device) -> MixLLMRanker:
+    """A ranker as the service runs it: bf16 on a GPU (fp32 on a CPU), on ``device``, eval mode, and
+    its LoRA adapters merged into the base weights (:func:`mixllm.lora.merge_lora`: the same
+    function without the adapters' extra matmuls; the student's forward took 179 -> 123 ms on 2
+    CPU cores). Serving never trains or saves, so merging is safe."""
+    from mixllm.lora import merge_lora
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ranker = MixLLMRanker.from_pretrained(path, ItemCatalog(texts=list(item_texts)), dtype=dtype)
+    merge_lora(ranker.model.language_model)
+    return ranker.to(device).eval()
+
+
 def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
     """Open, seed, load and warm up (see module doc). ``encode_texts`` (texts -> (n, 384)) defaults to
     the packaged MiniLM."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = serving_device(settings.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     Path(settings.store).parent.mkdir(parents=True, exist_ok=True)
     store = Store(settings.store)
     dataset = load_dataset(settings.dataset)
@@ -73,8 +85,8 @@ def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
         if not path.is_dir():
             raise DataError(f"--checkpoint {name}={path}: no such checkpoint directory")
         start = time.perf_counter()
-        ranker = MixLLMRanker.from_pretrained(path, ItemCatalog(texts=list(dataset.item_texts)), dtype=dtype).to(device)
-        models[name] = ServedModel(name, ranker.eval(), time.perf_counter() - start)
+        ranker = load_ranker(path, dataset.item_texts, device)
+        models[name] = ServedModel(name, ranker, time.perf_counter() - start)
         if ranker.mode == "student":
             if ranker.catalog.features is None or ranker.catalog.features.shape[0] != dataset.num_items:
                 raise DataError(f"--checkpoint {name}={path}: the student must store features of the "

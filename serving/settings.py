@@ -51,8 +51,11 @@ class Settings:
     """torch CPU threads (default: torch's)."""
     max_batch_size: int = 8
     """Most rank requests gathered into one model forward."""
-    max_wait_ms: float = 2.0
-    """How long the batcher waits for more requests once it has one."""
+    max_wait_ms: float = 50.0
+    """The longest a batch waits for more requests (the wait itself adapts: see batch_wait_fraction)."""
+    batch_wait_fraction: float = 0.1
+    """Under concurrent load a batch waits for company this fraction of the last forward's time (at
+    most max_wait_ms); with one request at a time it does not wait (serving.batching)."""
     max_queue: int = 64
     """Requests waiting per model; beyond it the service answers 503 with Retry-After."""
     max_candidates: int = 1000
@@ -80,6 +83,8 @@ class Settings:
                 raise SettingsError(f"{_flag(name)}: must be an integer >= 1, got {value!r}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise SettingsError(f"{_flag(name='max_wait_ms')}: must be between 0 and 1000 ms, got {self.max_wait_ms!r}")
+        if not 0 <= self.batch_wait_fraction <= 1:
+            raise SettingsError(f"{_flag('batch_wait_fraction')}: must be between 0 and 1, got {self.batch_wait_fraction!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"--device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.checkpoint:

@@ -41,21 +41,49 @@ def test_batcher_gathers_concurrent_submits_up_to_max_batch_size():
     assert [len(c) for c in calls] == [4, 4, 2] and sorted(x for c in calls for x in c) == list(range(10))
 
 
-def test_batcher_waits_at_most_max_wait_for_company():
+def test_batcher_waits_for_company_only_under_concurrent_load():
+    """One request at a time: no wait. After a batch of several: it waits wait_fraction of the last
+    call's duration (capped by max_wait_ms) for company. Lower bounds are exact (a timer never fires
+    early); upper bounds are generous, so a slow machine cannot fail the test."""
     sizes = []
 
-    async def main(wait_ms):
-        batcher = MicroBatcher(lambda items: sizes.append(len(items)) or items, "m", max_batch_size=8, max_wait_ms=wait_ms)
-        batcher.start()
-        start = time.perf_counter()
-        await batcher.submit(1)
-        elapsed = time.perf_counter() - start
-        await batcher.stop()
-        return elapsed
+    def fn(items):
+        time.sleep(0.2)  # the "forward"
+        sizes.append(len(items))
+        return items
 
-    # alone, a request waits max_wait for company, then runs as a batch of one (never forever)
-    assert 0.15 <= _run(main(150)) < 5 and sizes == [1]
-    assert _run(main(0)) < 5 and sizes == [1, 1]
+    async def lone_after(batcher, first_batch: int) -> float:
+        await asyncio.gather(*(batcher.submit(i) for i in range(first_batch)))
+        start = time.perf_counter()
+        await batcher.submit(99)
+        return time.perf_counter() - start - 0.2  # minus the call itself: the wait for company
+
+    async def main(first_batch: int, max_wait_ms: float) -> tuple[float, float]:
+        batcher = MicroBatcher(fn, "m", max_batch_size=8, max_wait_ms=max_wait_ms, wait_fraction=0.5)
+        batcher.start()
+        try:
+            waited = await lone_after(batcher, first_batch)
+            return waited, batcher.wait_s
+        finally:
+            await batcher.stop()
+
+    waited, next_wait = _run(main(first_batch=1, max_wait_ms=1000))
+    assert next_wait == 0.0 and waited < 0.1 and sizes == [1, 1]  # requests one at a time: no waiting
+    sizes.clear()
+    waited, _ = _run(main(first_batch=3, max_wait_ms=1000))
+    assert sizes == [3, 1] and 0.1 <= waited < 5  # after a batch of 3: waits 0.5 x 0.2 s for company
+
+    async def wait_after_a_batch(max_wait_ms: float) -> float:
+        batcher = MicroBatcher(fn, "m", max_batch_size=8, max_wait_ms=max_wait_ms, wait_fraction=0.5)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+            return batcher.wait_s
+        finally:
+            await batcher.stop()
+
+    assert _run(wait_after_a_batch(20)) == 0.02  # the cap: 0.5 x 0.2 s would be 0.1 s
+    assert _run(wait_after_a_batch(1000)) >= 0.1  # the fraction: 0.5 x (>= 0.2 s)
 
 
 def test_batcher_raises_overloaded_when_the_queue_is_full_and_recovers():
