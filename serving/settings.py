@@ -53,9 +53,9 @@ class Settings:
     """Most rank requests gathered into one model forward."""
     max_wait_ms: float = 50.0
     """The longest a batch waits for more requests (the wait itself adapts: see batch_wait_fraction)."""
-    batch_wait_fraction: float = 0.1
-    """Under concurrent load a batch waits for company this fraction of the last forward's time (at
-    most max_wait_ms); with one request at a time it does not wait (serving.batching)."""
+    batch_wait_fraction: float = 0.2
+    """A batch waits for as many requests as the last one held, at most this fraction of the last
+    forward's time (and max_wait_ms); one request at a time never waits (serving.batching)."""
     max_queue: int = 64
     """Requests waiting per model; beyond it the service answers 503 with Retry-After."""
     max_candidates: int = 1000

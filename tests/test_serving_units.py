@@ -86,6 +86,33 @@ def test_batcher_waits_for_company_only_under_concurrent_load():
     assert _run(wait_after_a_batch(1000)) >= 0.1  # the fraction: 0.5 x (>= 0.2 s)
 
 
+def test_batcher_runs_once_the_expected_company_has_arrived():
+    """After a batch of 3, three new requests run together at once: the batch does not sit out its
+    wait for company (0.5 s here). A batch that waited would take >= 0.5 s wait + 0.5 s call, so
+    finishing in < 0.95 s leaves 0.45 s of slack for scheduling and proves it did not wait."""
+    sizes = []
+
+    def fn(items):
+        time.sleep(0.5)
+        sizes.append(len(items))
+        return items
+
+    async def main() -> float:
+        batcher = MicroBatcher(fn, "m", max_batch_size=8, max_wait_ms=5000, wait_fraction=1.0)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+            assert batcher.expected == 3 and batcher.wait_s >= 0.5
+            start = time.perf_counter()
+            await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+            return time.perf_counter() - start
+        finally:
+            await batcher.stop()
+
+    elapsed = _run(main())
+    assert sizes == [3, 3] and elapsed < 0.95, (sizes, elapsed)
+
+
 def test_batcher_raises_overloaded_when_the_queue_is_full_and_recovers():
     release = threading.Event()
 
