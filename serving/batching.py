@@ -9,7 +9,8 @@ at once (the route answers 503 with ``Retry-After``): memory stays bounded under
 service recovers as soon as the load stops.
 
 **How long a batch waits for company** adapts to the load. The batcher expects as many requests as
-the last batch held: it runs as soon as it has that many (plus whatever is already queued), and
+were active during the last call (those it ran plus those that queued meanwhile): it runs as soon
+as it has that many (plus whatever is already queued), and
 waits for them at most ``wait_fraction`` of the last model call's duration (capped by
 ``max_wait_ms``). So requests that come one at a time never wait, and under steady concurrent load
 batches fill without a fixed delay. Why: closed-loop clients (each sends its next request when its
@@ -97,7 +98,7 @@ class MicroBatcher:
 
     @property
     def expected(self) -> int:
-        """Requests the next batch waits for: as many as the last batch held (module doc)."""
+        """Requests the next batch waits for: those active during the last call (module doc)."""
         return max(1, min(self.max_batch_size, self._last_size))
 
     @property
@@ -138,8 +139,8 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(error)
                 continue
-            finally:
-                self._last_size, self._last_seconds = len(live), time.monotonic() - start
+            finally:  # those it ran + those that queued meanwhile: the load the next batch can expect
+                self._last_size, self._last_seconds = len(live) + self._queue.qsize(), time.monotonic() - start
             for (_, fut), result in zip(live, results):
                 if fut.done():
                     continue
