@@ -523,11 +523,19 @@ class MixLLMRanker(nn.Module):
         return next(self.model.language_model.parameters()).device
 
     # --- scoring ---------------------------------------------------------------------------------
-    def forward(self, inputs: RankingInputs) -> torch.Tensor:
-        """(B, C_max) scores; padded candidate slots hold 0 (see ``inputs.candidate_mask``)."""
-        item_embeds = None
+    def gather_item_tokens(self, inputs: RankingInputs) -> torch.Tensor | None:
+        """(N, k, D) the cached tokens of ``inputs``' items (a student with ``token_cache``), else None."""
         if self.mode == "student" and self.token_cache is not None and inputs.item_ids is not None:
-            item_embeds = self.token_cache.gather(inputs.item_ids)  # (N, k, D): rows of the catalog's tokens
+            return self.token_cache.gather(inputs.item_ids)  # rows of the catalog's tokens
+        return None
+
+    def forward(self, inputs: RankingInputs, item_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C_max) scores; padded candidate slots hold 0 (see ``inputs.candidate_mask``).
+
+        ``item_embeds``: the items' tokens gathered beforehand (:meth:`gather_item_tokens`), so a
+        caller can read a cache that others write under its own lock and run the forward outside it."""
+        if item_embeds is None:
+            item_embeds = self.gather_item_tokens(inputs)
         inputs_embeds = self.model.embed_inputs(
             inputs.input_ids, item_features=inputs.item_features, item_ids=inputs.item_ids, item_embeds=item_embeds
         )  # (B, T, D)

@@ -432,7 +432,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=None,
                    help="levels for the student (default: 1 8 32, and 64 on a GPU)")
     p.add_argument("--teacher-concurrency", type=int, nargs="+", default=[1, 8], help="levels for teacher models")
-    p.add_argument("--requests", type=int, default=64,
+    p.add_argument("--requests", type=int, default=128,
                    help="student /v1/rank requests per level (at least 2 per client: max(this, 2 x concurrency))")
     p.add_argument("--teacher-requests", type=int, default=8, help="teacher requests per level (same rule)")
     p.add_argument("--recommend-requests", type=int, default=16, help="student /v1/recommend requests per level (same rule)")

@@ -124,19 +124,22 @@ class RankingService:
     def run_batch(self, model: ServedModel, requests: list[RankingRequest]) -> list:
         """Score a batch in one forward; a request that fails alone gets its exception back."""
         ranker = model.ranker
-        with self.catalog.lock, torch.inference_mode():
-            prompts, out = [], [None] * len(requests)
-            for i, request in enumerate(requests):
-                try:
-                    prompts.append((i, ranker.build_prompt(request, i)))
-                except DataError as error:
-                    out[i] = Invalid(str(error), field="request")
-            if prompts:
-                inputs = collate_prompts([p for _, p in prompts], ranker.processor.pad_token_id, _dtype(ranker))
+        prompts, out = [], [None] * len(requests)
+        with torch.inference_mode():
+            with self.catalog.lock:  # the catalog is read here only: the forward runs outside the lock
+                for i, request in enumerate(requests):
+                    try:
+                        prompts.append((i, ranker.build_prompt(request, i)))
+                    except DataError as error:
+                        out[i] = Invalid(str(error), field="request")
+                if not prompts:
+                    return out
                 device = next(ranker.parameters()).device
-                scores = ranker(inputs.to(device)).float().cpu()
-                for b, (i, prompt) in enumerate(prompts):
-                    out[i] = (scores[b, : len(prompt.segment_ids)], prompt.num_tokens)
+                inputs = collate_prompts([p for _, p in prompts], ranker.processor.pad_token_id, _dtype(ranker)).to(device)
+                item_embeds = ranker.gather_item_tokens(inputs)  # a copy: later cache writes cannot reach it
+            scores = ranker(inputs, item_embeds=item_embeds).float().cpu()
+        for b, (i, prompt) in enumerate(prompts):
+            out[i] = (scores[b, : len(prompt.segment_ids)], prompt.num_tokens)
         return out
 
     async def _score(self, model: ServedModel, request: RankingRequest) -> tuple[torch.Tensor, int]:

@@ -433,7 +433,7 @@ def test_health_answers_while_the_model_is_busy(client, world, monkeypatch):
     worker = threading.Thread(target=lambda: result.update(response=client.post(
         "/v1/rank", json={"user": {"id": world.user_ids[0]}, "candidates": world.item_ids[:4]})))
     worker.start()
-    assert inside.wait(10)  # the forward has started and holds the model thread (and the catalog lock)
+    assert inside.wait(10)  # the batch has started and holds the model thread
     try:
         assert client.get("/health").status_code == 200
         assert client.get("/ready").status_code == 200
