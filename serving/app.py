@@ -196,7 +196,7 @@ async def _start(app: FastAPI, settings: Settings, load) -> None:
         model.batcher = MicroBatcher(
             lambda batch, model=model: runtime.ranking.run_batch(model, batch), model.name, settings.max_batch_size,
             settings.max_wait_ms, settings.max_queue, executor=app.state.executor,
-            on_batch=lambda size, depth, name=model.name: metrics.batch(name, size, depth),
+            on_batch=lambda size, depth, seconds, name=model.name: metrics.batch(name, size, depth, seconds),
             wait_fraction=settings.batch_wait_fraction,
         )
         model.batcher.start()

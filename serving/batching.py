@@ -50,12 +50,12 @@ class MicroBatcher:
         max_queue: most items waiting; more raise :class:`Overloaded`.
         executor: the thread model calls run in (shared by several batchers so that models on one
             device take turns); a private single thread by default.
-        on_batch: called with (batch size, queue depth) before each call (metrics).
+        on_batch: called after each call with (batch size, queue depth when it started, seconds) (metrics).
     """
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], name: str, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, executor: ThreadPoolExecutor | None = None,
-                 on_batch: Callable[[int, int], None] | None = None, wait_fraction: float = 0.1) -> None:
+                 on_batch: Callable[[int, int, float], None] | None = None, wait_fraction: float = 0.1) -> None:
         self.fn, self.name = fn, name
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self.wait_fraction = wait_fraction
@@ -129,8 +129,7 @@ class MicroBatcher:
             live = [(item, fut) for item, fut in batch if not fut.cancelled()]  # clients that gave up
             if not live:
                 continue
-            if self.on_batch is not None:
-                self.on_batch(len(live), self._queue.qsize())
+            depth = self._queue.qsize()
             start = time.monotonic()
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
@@ -141,6 +140,8 @@ class MicroBatcher:
                 continue
             finally:  # those it ran + those that queued meanwhile: the load the next batch can expect
                 self._last_size, self._last_seconds = len(live) + self._queue.qsize(), time.monotonic() - start
+                if self.on_batch is not None:
+                    self.on_batch(len(live), depth, self._last_seconds)
             for (_, fut), result in zip(live, results):
                 if fut.done():
                     continue

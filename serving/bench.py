@@ -149,6 +149,10 @@ def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
@@ -169,13 +173,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Requests: {setup['requests']}. Server: `mixllm serve` on 127.0.0.1, max batch size {setup['max_batch_size']}, "
         f"max wait {setup['max_wait_ms']:g} ms, models {', '.join(f'{n} ({m})' for n, m in report['models_served'].items())}. "
         f"Load: {setup['client']}; latency measured by the client; requests/s = successful requests / wall time.", "",
-        "| model | endpoint | concurrency | requests | p50 ms | p99 ms | req/s | mean batch | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | endpoint | concurrency | requests | p50 ms | p99 ms | req/s | mean batch | model ms / batch | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]  # fmt: skip
     for row in report["service"]:
         errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0"
         lines.append(f"| {row['model']} | `{row['endpoint']}` | {row['concurrency']} | {row['n']} | {_fmt(row['p50_ms'])} | "
-                     f"{_fmt(row['p99_ms'])} | {_fmt(row['requests_per_s'], 2)} | {_fmt(row.get('mean_batch_size'))} | {errors} |")
+                     f"{_fmt(row['p99_ms'])} | {_fmt(row['requests_per_s'], 2)} | {_fmt(row.get('mean_batch_size'))} | {_fmt(row.get('mean_batch_ms'))} | {errors} |")
     lines += ["", f"Bare scorer: `MixLLMRanker.score` in the benchmark process, no HTTP, on the same requests while the "
               f"server is idle ({setup['bare_item_path']}).", "",
               "| model | requests one at a time | p50 ms | p99 ms | requests in batches of 8 | req/s in batches of 8 | median batch ms |",
@@ -206,16 +210,17 @@ def update_section(existing: str | None, section: str) -> str:
     return existing[:begin] + section.rstrip("\n") + existing[end + len(MARK_END):]
 
 
-def mean_batch_size(before: str, after: str, model: str) -> float | None:
-    """Mean requests per forward of ``model`` between two ``/metrics`` scrapes (Prometheus text)."""
+def batch_mean(before: str, after: str, model: str, family: str = "mixllm_batch_size") -> float | None:
+    """Mean of a per-batch histogram of ``model`` between two ``/metrics`` scrapes (Prometheus text):
+    requests per forward by default, seconds per forward with ``family="mixllm_batch_seconds"``."""
     def totals(text: str) -> tuple[float, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
         found = {"sum": 0.0, "count": 0.0}
-        for family in text_string_to_metric_families(text):
-            if family.name != "mixllm_batch_size":
+        for metric in text_string_to_metric_families(text):
+            if metric.name != family:
                 continue
-            for sample in family.samples:
+            for sample in metric.samples:
                 if sample.labels.get("model") == model and sample.name.endswith(("_sum", "_count")):
                     found[sample.name.rsplit("_", 1)[1]] = sample.value
         return found["sum"], found["count"]
@@ -511,7 +516,8 @@ def run_service(base_url: str, plan: list[Level], requests: list[BenchRequest], 
             bodies = [r.body(endpoint, model) for r in cycle(requests, level.n)]
             row = asyncio.run(drive(base_url, endpoint, bodies, level.concurrency))
             row = {"model": model, "endpoint": endpoint, "concurrency": level.concurrency, **row,
-                   "mean_batch_size": mean_batch_size(before, client.get("/metrics").text, model),
+                   "mean_batch_size": batch_mean(before, after := client.get("/metrics").text, model),
+                   "mean_batch_ms": _ms(batch_mean(before, after, model, "mixllm_batch_seconds")),
                    "load_average": os.getloadavg()[0]}  # fmt: skip
             rows.append(row)
             log.info("%s %s, concurrency %d: p50 %s ms, p99 %s ms, %s requests/s, mean batch %s, errors %s", model,

@@ -19,6 +19,8 @@ class Metrics:
                                  ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("mixllm_batch_size", "Requests per model forward", ["model"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
+        self.batch_seconds = Histogram("mixllm_batch_seconds", "Duration of each model call (one batch)", ["model"],
+                                       buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("mixllm_queue_depth", "Requests waiting for a model forward", ["model"],
                                  registry=self.registry)
         self.cache = Gauge("mixllm_item_cache_rows", "Rows of the item token cache (students) or catalog (others)",
@@ -29,8 +31,9 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method, str(status)).observe(seconds)
 
-    def batch(self, model: str, size: int, depth: int) -> None:
+    def batch(self, model: str, size: int, depth: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)
+        self.batch_seconds.labels(model).observe(seconds)
         self.queue_depth.labels(model).set(depth)
 
     def model_loaded(self, model: str, seconds: float) -> None:

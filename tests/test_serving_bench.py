@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving.bench import (
-    MARK_BEGIN, MARK_END, RANK, RECOMMEND, bare_figures, bare_workload, check_targets, halves, mean_batch_size,
+    MARK_BEGIN, MARK_END, RANK, RECOMMEND, bare_figures, bare_workload, check_targets, halves, batch_mean,
     percentile, plan_levels, render_markdown, summarize, update_section,
 )  # fmt: skip
 from serving.metrics import Metrics
@@ -103,16 +103,17 @@ def test_bare_workload_matches_the_levels_and_halves_cover_it():
     assert first + second == batches and len(first) == 1
 
 
-def test_mean_batch_size_between_scrapes():
+def test_batch_means_between_scrapes():
     metrics = Metrics()
-    metrics.batch("s", 3, 0)
+    metrics.batch("s", 3, 0, 0.5)
     before = metrics.render()[0].decode()
-    for size in (8, 8, 2):
-        metrics.batch("s", size, 0)
-    metrics.batch("t", 1, 0)
+    for size, seconds in ((8, 1.0), (8, 1.0), (2, 0.25)):
+        metrics.batch("s", size, 0, seconds)
+    metrics.batch("t", 1, 0, 9.0)
     after = metrics.render()[0].decode()
-    assert mean_batch_size(before, after, "s") == pytest.approx(6.0)
-    assert mean_batch_size(after, after, "s") is None
+    assert batch_mean(before, after, "s") == pytest.approx(6.0)  # (8 + 8 + 2) / 3; the earlier batch and "t" excluded
+    assert batch_mean(before, after, "s", "mixllm_batch_seconds") == pytest.approx(0.75)
+    assert batch_mean(after, after, "s") is None
 
 
 def test_markdown_table_and_section_update():
