@@ -105,17 +105,13 @@ async def recommend(body: schemas.RecommendRequest, request: Request) -> Any:
 
 @router.post("/v1/rerank", response_model=schemas.RerankResponse, response_model_exclude_none=True)
 async def rerank(body: schemas.RerankRequest, request: Request) -> Any:
-    runtime = _runtime(request)
     texts = body.texts()
-    runtime.ranking._check_candidates([str(i) for i in range(len(texts))], "documents")  # size limits only
-    model = runtime.ranking.model(body.model)
-    loop = asyncio.get_running_loop()
-    scores, tokens = await loop.run_in_executor(request.app.state.executor, runtime.ranking.rerank_sync, body.query, texts, model)
+    model, scores, tokens = await _runtime(request).ranking.rerank(body.query, texts, body.model)
     relevance = softmax(scores)
     order = sorted(range(len(texts)), key=lambda i: -relevance[i])[: body.top_n or len(texts)]
     results = [schemas.RerankResult(index=i, relevance_score=relevance[i],
                                     document={"text": texts[i]} if body.return_documents else None) for i in order]
-    return schemas.RerankResponse(id=str(uuid.uuid4()), model=model.name, results=results, usage={"prompt_tokens": tokens})
+    return schemas.RerankResponse(id=str(uuid.uuid4()), model=model, results=results, usage={"prompt_tokens": tokens})
 
 
 def _item_out(item, created: bool | None = None) -> schemas.ItemOut:

@@ -55,7 +55,7 @@ class MicroBatcher:
 
     def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], name: str, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, executor: ThreadPoolExecutor | None = None,
-                 on_batch: Callable[[int, int, float], None] | None = None, wait_fraction: float = 0.1) -> None:
+                 on_batch: Callable[[int, int, float], None] | None = None, wait_fraction: float = 0.2) -> None:
         self.fn, self.name = fn, name
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
         self.wait_fraction = wait_fraction

@@ -1,8 +1,9 @@
 """The service's verbs as plain Python: rank, recommend, rerank, items, events. No FastAPI here.
 
-Model work runs in :class:`~serving.batching.MicroBatcher` worker threads: the async methods build
-a request on the event loop (cheap dict look-ups), submit it to the model's batcher and await the
-scores, so concurrent requests share one forward.
+Nothing here blocks the event loop: the async methods resolve users and items in a worker thread
+(store reads, the catalog lock), submit the request to the model's
+:class:`~serving.batching.MicroBatcher` and await the scores, so concurrent requests share one
+forward, which runs in the model thread.
 
 **History length.** A ranker reads at most its ``max_history`` items (10 for the committed
 checkpoints). A longer history (given explicitly, or a user with more events) is **truncated to the
@@ -68,6 +69,14 @@ class UserContext:
 
 
 @dataclass
+class RerankJob:
+    """A rerank of texts outside the catalog, queued with the model's rank requests."""
+
+    query: str
+    documents: list[str]
+
+
+@dataclass
 class Ranked:
     """Scores of one request, best first."""
 
@@ -121,13 +130,22 @@ class RankingService:
             seen[c] = i
 
     # --- the model call (worker thread) ---------------------------------------------------------
-    def run_batch(self, model: ServedModel, requests: list[RankingRequest]) -> list:
-        """Score a batch in one forward; a request that fails alone gets its exception back."""
+    def run_batch(self, model: ServedModel, requests: list) -> list:
+        """Score a batch of :class:`RankingRequest` in one forward (a :class:`RerankJob` runs on its
+        own); a request that fails alone gets its exception back."""
         ranker = model.ranker
         prompts, out = [], [None] * len(requests)
+        for i, job in enumerate(requests):
+            if isinstance(job, RerankJob):
+                try:
+                    out[i] = self.rerank_sync(job.query, job.documents, model)
+                except DataError as error:
+                    out[i] = Invalid(str(error), field="documents")
         with torch.inference_mode():
             with self.catalog.lock:  # the catalog is read here only: the forward runs outside the lock
                 for i, request in enumerate(requests):
+                    if isinstance(request, RerankJob):
+                        continue
                     try:
                         prompts.append((i, ranker.build_prompt(request, i)))
                     except DataError as error:
@@ -194,6 +212,14 @@ class RankingService:
                 padded[0, -length:] = torch.as_tensor(context.retrieval_rows)
             pool = min(self.settings.retrieve, available)
             return context, self.catalog.retriever.top_k(padded, allowed[None], pool)[0].tolist()
+
+    async def rerank(self, query: str, documents: Sequence[str], model_name: str | None = None) -> tuple[str, list[float], int]:
+        """(model name, one score per document, prompt tokens): through the model's batcher, so a
+        rerank waits in the same bounded queue as rank requests and never overlaps a forward."""
+        model = self.model(model_name)
+        self._check_candidates([str(i) for i in range(len(documents))], "documents")  # the size limits
+        scores, tokens = await model.batcher.submit(RerankJob(query, list(documents)))
+        return model.name, scores, tokens
 
     def rerank_sync(self, query: str, documents: Sequence[str], model: ServedModel) -> tuple[list[float], int]:
         """Scores of documents the catalog does not hold (worker thread). A student encodes them on
