@@ -279,3 +279,27 @@ class FeatureLayout:
             return cls.from_spec(spec, width)
         except DataError as error:
             raise DataError(f"{run_file}: {error}") from None
+
+
+# --- items the collaborative model never saw ------------------------------------------------------
+NEIGHBOURS = 10
+"""How many text neighbours a cold item's collaborative vector is mixed from (retrieval)."""
+
+
+def neighbour_weights(query: torch.Tensor, keys: torch.Tensor, k: int = NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (n, k), weights (n, k)) of each query's k most cosine-similar keys; weights are
+    max(cos, 0) normalised to sum 1, or uniform when no neighbour is positive.
+
+    ``query`` (n, d) and ``keys`` (N, d) are L2-normalised (MiniLM's vectors are)."""
+    sims = query.float() @ keys.float().T  # (n, N)
+    top, rows = sims.topk(min(k, keys.shape[0]), dim=-1)  # (n, k)
+    weights = top.clamp(min=0)
+    total = weights.sum(-1, keepdim=True)
+    uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
+    return rows, torch.where(total > 0, weights / total.clamp(min=1e-12), uniform)
+
+
+def neighbour_mean(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
+    """(n, c) the :func:`neighbour_weights`-weighted mean of ``values`` (N, c) (row i belongs to key i)."""
+    rows, weights = neighbour_weights(query, keys, k)
+    return torch.einsum("nk,nkc->nc", weights, values[rows].float())

@@ -9,16 +9,24 @@ The store (:class:`serving.store.Store`) is the only state; everything here is a
 * the retriever's item vectors (FAISS) for ``/v1/recommend``.
 
 **Items the collaborative model never saw.** A student reads ``[MiniLM(text) ; SASRec vector]``
-(``checkpoints/student``: 384 + 64). An item added at run time has text but no SASRec vector, so the
-service gives it the **cosine-weighted mean of the SASRec vectors of the 10 catalog items whose
-texts are most similar** (MiniLM cosine, weights = max(cos, 0), plain mean if no neighbour is
-positive): an item that reads like known items lands near them in the collaborative space, instead
-of at a zero vector that no training item ever had. The same neighbours and weights give its
-vector in the retriever's space. A client may send the collaborative vector itself (``features``,
-width = the SASRec hidden size), which then replaces the imputation in every space that is the
-retriever's (see ``same_space``). Seed items keep the exact feature rows the student checkpoint
-stores; if their text is changed, the text part is re-encoded and their own SASRec vector kept
-(their interactions did not change).
+(``checkpoints/student``: 384 + 64). An item added at run time has text but no SASRec vector:
+
+* the **student** reads a **zero** SASRec part (:data:`COLD_RULE`). Chosen by measurement
+  (``python -m training.cold_items --users 300`` -> ``reports/cold_items.md``): with each test
+  target made cold, zeros ranked it best of six cold rules on sampled-20 (HR@1 0.210, mean rank
+  4.14; warm 0.340 / 3.88; the nearest text neighbour's vector 0.193 / 6.11, the 10-neighbour text
+  mean 0.140 / 5.88, the catalog mean 0.060 / 6.34). The student never saw a cold item in
+  training, and a borrowed vector misleads it more than an empty one.
+* the **retriever** (FAISS, ``/v1/recommend``) gets the cosine-weighted mean of the SASRec vectors
+  of the 10 seed items whose texts are most similar (:func:`mixllm.features.neighbour_mean`), so a
+  new item is retrieved for the users of items that read like it (a zero vector would score 0 for
+  every user).
+
+A client may send the collaborative vector itself (``features``, width = the SASRec hidden size),
+which then replaces both (the student's only if its SASRec columns are the retriever's vectors, see
+``same_space``). Seed items keep the exact feature rows the student checkpoint stores; if their text
+is changed, the text part is re-encoded and their own SASRec vector kept (their interactions did not
+change).
 
 Thread safety: every read and write of this state holds ``self.lock`` (model batches hold it
 while they prepare and score, upserts while they write), so a request never sees half an update.
@@ -38,7 +46,7 @@ import numpy as np
 import torch
 
 from mixllm.errors import DataError
-from mixllm.features import FeatureLayout
+from mixllm.features import FeatureLayout, neighbour_mean
 from mixllm.item_cache import ItemTokenCache, cache_key
 from mixllm.ranking import MixLLMRanker
 from serving.errors import Invalid, NotFound
@@ -46,26 +54,14 @@ from serving.store import Item, Store
 
 log = logging.getLogger(__name__)
 
-NEIGHBOURS = 10
+COLD_RULE = "zeros"
+"""What a student reads in the collaborative columns of an item without a vector (module doc)."""
 TEXT_PART = "minilm"
 COLLAB_PART = "sasrec"
 SAME_SPACE_ATOL = 1e-3
 """The student's SASRec columns and the retriever's item vectors count as one space when they agree
 within this: the seed-0 SASRec retrained on another x86 CPU reproduces the vectors the committed
 student stores within 2e-4 (rounding in training), while two different SASRec runs differ by ~0.1."""
-
-
-def neighbour_weights(query: torch.Tensor, keys: torch.Tensor, k: int = NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (n, k), weights (n, k)) of each query's k most cosine-similar keys; weights are
-    max(cos, 0) normalised to sum 1, or uniform when no neighbour is positive.
-
-    ``query`` (n, d) and ``keys`` (N, d) are L2-normalised (MiniLM's vectors are)."""
-    sims = query.float() @ keys.float().T  # (n, N)
-    top, rows = sims.topk(min(k, keys.shape[0]), dim=-1)  # (n, k)
-    weights = top.clamp(min=0)
-    total = weights.sum(-1, keepdim=True)
-    uniform = torch.full_like(weights, 1.0 / weights.shape[-1])
-    return rows, torch.where(total > 0, weights / total.clamp(min=1e-12), uniform)
 
 
 @dataclass
@@ -186,12 +182,16 @@ class Catalog:
         """(n, F) feature rows of texts the catalog does not hold (``/v1/rerank`` documents)."""
         return self._derive(student, self.encode_texts(texts), [None] * len(texts))
 
-    def _collab(self, seed_table: torch.Tensor, vectors: torch.Tensor, rows: list[int | None], client_ok: bool) -> torch.Tensor:
+    def _collab(self, seed_table: torch.Tensor, vectors: torch.Tensor, rows: list[int | None], client_ok: bool,
+                cold: str) -> torch.Tensor:
         """(n, c) collaborative vectors in the space of ``seed_table`` (N0, c): the client's vector
         (when ``client_ok``), else the seed item's own (its interactions do not change with its
-        text), else the neighbour mean over the seed items with the most similar texts."""
-        nb_rows, weights = neighbour_weights(vectors, self.text_vectors[: self.num_seed])
-        out = torch.einsum("nk,nkc->nc", weights, seed_table[nb_rows].float())
+        text), else the ``cold`` rule: "zeros", or "neighbours" (the mean over the seed items with
+        the most similar texts)."""
+        if cold == "zeros":
+            out = torch.zeros(len(vectors), seed_table.shape[1])
+        else:
+            out = neighbour_mean(vectors, self.text_vectors[: self.num_seed], seed_table)
         for i, row in enumerate(rows):
             given = None if row is None else self.client_features.get(row)
             if given is not None and client_ok:
@@ -212,7 +212,7 @@ class Catalog:
         if text is not None:
             out[:, text] = vectors.float()
         if collab is not None:
-            out[:, collab] = self._collab(student.seed_features[:, collab], vectors, rows, self.same_space(student))
+            out[:, collab] = self._collab(student.seed_features[:, collab], vectors, rows, self.same_space(student), COLD_RULE)
         return out
 
     def same_space(self, student: StudentItems) -> bool:
@@ -228,7 +228,7 @@ class Catalog:
         return student.same_space
 
     def _retriever_rows(self, rows: list[int]) -> torch.Tensor:
-        return self._collab(self._seed_collab, self.text_vectors[rows], rows, client_ok=True)
+        return self._collab(self._seed_collab, self.text_vectors[rows], rows, client_ok=True, cold="neighbours")
 
     @property
     def collab_width(self) -> int | None:

@@ -223,7 +223,7 @@ class RankingService:
 
     def rerank_sync(self, query: str, documents: Sequence[str], model: ServedModel) -> tuple[list[float], int]:
         """Scores of documents the catalog does not hold (worker thread). A student encodes them on
-        the fly (MiniLM + the neighbour-mean collaborative part, as for new items) and reads the
+        the fly (MiniLM + the cold-item collaborative part, as for new items) and reads the
         query as text where the history goes; a teacher reads both as text."""
         ranker = model.ranker
         with self.catalog.lock, torch.inference_mode():

@@ -264,7 +264,7 @@ def test_rerank_client_errors(client):
 
 
 # --- /v1/items -----------------------------------------------------------------------------------
-def test_a_new_item_is_persisted_and_ranks_with_the_neighbour_mean(client, world):
+def test_a_new_item_is_persisted_and_ranks_with_a_finite_score(client, world):
     runtime = _runtime(client)
     put = client.put("/v1/items/new-1", json={"text": world.item_texts[7] + " (director's cut)"})
     assert put.status_code == 201 and put.json()["created"] is True and put.json()["has_features"] is False
@@ -273,11 +273,13 @@ def test_a_new_item_is_persisted_and_ranks_with_the_neighbour_mean(client, world
     assert runtime.store.get_item("new-1").text.endswith("(director's cut)")  # durable, not only cached
     got = client.get("/v1/items/new-1").json()
     assert got["text"] == put.json()["text"] and got["row"] == row
-    # no SASRec vector: the collaborative columns are a convex mix of seed items' vectors, not zeros
+    # no SASRec vector: the student reads zeros there (COLD_RULE); the retriever a convex mix of
+    # seed items' vectors (non-zero, inside the seed vectors' bounding box)
     student = runtime.catalog.students["student"]
-    collab = student.features[row, student.part("sasrec")]
-    seed = student.seed_features[:, student.part("sasrec")]
-    assert collab.abs().sum() > 0 and (collab.abs() <= seed.abs().max(0).values + 1e-5).all()
+    assert torch.equal(student.features[row, student.part("sasrec")], torch.zeros(SASREC_DIM))
+    retrieved = runtime.catalog.retriever.item_vectors
+    seed = retrieved[: len(world.item_ids)]
+    assert retrieved[row].abs().sum() > 0 and (retrieved[row].abs() <= seed.abs().max(0).values + 1e-5).all()
     body = _rank(client, {"id": world.user_ids[0]}, ["new-1", *world.item_ids[:5]])
     assert all(math.isfinite(s) for s in _scores(body).values()) and "new-1" in _scores(body)
     assert "new-1" in _recommended(client, {"history": world.item_ids[:2]})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serving.batching import MicroBatcher, Overloaded
-from serving.catalog import NEIGHBOURS, neighbour_weights
+from mixllm.features import NEIGHBOURS, neighbour_weights
 from serving.services import softmax
 from serving.settings import Settings, SettingsError
 from serving_world import SASREC_DIM, fake_encode, session_world
@@ -229,7 +229,7 @@ def runtime(tmp_path_factory):
     runtime.store.close()
 
 
-def test_a_new_item_gets_the_neighbour_mean_of_seed_collaborative_vectors(runtime):
+def test_a_new_item_reads_zeros_in_the_student_and_the_neighbour_mean_in_the_retriever(runtime):
     catalog = runtime.catalog
     student = catalog.students["student"]
     collab = student.part("sasrec")
@@ -244,9 +244,11 @@ def test_a_new_item_gets_the_neighbour_mean_of_seed_collaborative_vectors(runtim
     weights = top.values.clamp(min=0)
     weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / NEIGHBOURS)
     expected = (weights[:, None] * student.seed_features[top.indices][:, collab]).sum(0)
-    torch.testing.assert_close(student.features[item.row, collab], expected, atol=1e-5, rtol=0)
+    # the student reads its text vector and a zero collaborative part (serving.catalog.COLD_RULE)
+    assert torch.equal(student.features[item.row, collab], torch.zeros(SASREC_DIM))
     torch.testing.assert_close(student.features[item.row, : collab.start], vector, atol=1e-6, rtol=0)
-    # the retriever's vector of the item is the same mix of the seed items' retriever vectors
+    # the retriever's vector is the neighbours' mix of the seed items' retriever vectors (= the
+    # student's columns in this world), so users of similar items retrieve it
     torch.testing.assert_close(catalog.retriever.item_vectors[item.row], expected, atol=1e-5, rtol=0)
     # and its tokens are in the cache the student ranks with: a finite score among seed items
     from mixllm.ranking import RankingRequest
