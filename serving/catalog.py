@@ -100,6 +100,7 @@ class Catalog:
         self.live = np.zeros(0, dtype=bool)
         self.client_features: dict[int, np.ndarray] = {}
         self.text_vectors = torch.empty(0)
+        self._seed_vectors: torch.Tensor | None = None
         self._seed_collab = self._retriever_seed_vectors()
 
     # --- building -------------------------------------------------------------------------------
@@ -121,10 +122,19 @@ class Catalog:
             self.texts = [it.text for it in items]
             self.live = np.array([not it.deleted for it in items], dtype=bool)
             self.client_features = {it.row: it.features for it in items if it.features is not None}
-            self.text_vectors = self._text_vectors(self.texts)
+            # The disk caches hold the seed catalog (stable across starts); rows changed since are redone here.
+            changed = [r for r in range(len(items)) if not self._is_original(r)]
+            self.text_vectors = torch.zeros(len(items), self._seed_text_vectors().shape[1])
+            self.text_vectors[: self.num_seed] = self._seed_text_vectors()
+            if changed:
+                self.text_vectors[changed] = self.encode_texts([self.texts[r] for r in changed]).float()
             for name, student in self.students.items():
                 student.features = self._student_rows(student, list(range(len(items))))
                 self._load_token_cache(name, student)
+                derived = sorted(set(changed) | set(self.client_features))
+                if derived:
+                    student.ranker.token_cache.put(derived, ItemTokenCache.encode(model=student.ranker.model,
+                                                                                  features=student.features[derived]))
             for teacher in self.teachers.values():
                 teacher.catalog.texts = self.texts
             if self.retriever is not None:
@@ -132,6 +142,12 @@ class Catalog:
                 if new:
                     self.retriever.set_rows(new, self._retriever_rows(new))
             self.version = version
+
+    def _seed_text_vectors(self) -> torch.Tensor:
+        """(N0, 384) MiniLM vectors of the seed texts, cached in memory and on disk by their hash."""
+        if self._seed_vectors is None:
+            self._seed_vectors = self._text_vectors(self.seed_texts)
+        return self._seed_vectors
 
     def _text_vectors(self, texts: list[str]) -> torch.Tensor:
         """MiniLM vectors of ``texts``, cached on disk by a hash of the texts."""
@@ -152,13 +168,15 @@ class Catalog:
         return row < self.num_seed and self.texts[row] == self.seed_texts[row]
 
     def _load_token_cache(self, name: str, student: StudentItems) -> None:
+        """The seed catalog's tokens (a file keyed by checkpoint + seed features), rows past it empty
+        until written: :meth:`load` writes the rows that differ from the seed."""
         model = student.ranker.model
-        key = cache_key(self.checkpoints.get(name, Path(".")), student.features)
+        key = cache_key(self.checkpoints.get(name, Path(".")), student.seed_features)
         device = next(model.parameters()).device
         path = None if self.cache_dir is None else self.cache_dir / f"{name}-{key[:24]}.safetensors"
         cache = None if path is None else ItemTokenCache.load(path, key, device)
         if cache is None:
-            cache = ItemTokenCache.build(model, features=student.features)
+            cache = ItemTokenCache.build(model, features=student.seed_features)
             if path is not None:
                 cache.save(path, key)
                 log.info("built the item token cache of %s: %d rows -> %s", name, cache.num_rows, path)
