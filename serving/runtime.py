@@ -49,8 +49,8 @@ def serving_device(setting: str) -> torch.device:
 def load_ranker(path: Path, item_texts: list[str], device: torch.device) -> MixLLMRanker:
     """A ranker as the service runs it: bf16 on a GPU (fp32 on a CPU), on ``device``, eval mode, and
     its LoRA adapters merged into the base weights (:func:`mixllm.lora.merge_lora`: the same
-    function without the adapters' extra matmuls; the student's forward took 179 -> 123 ms on 2
-    CPU cores). Serving never trains or saves, so merging is safe."""
+    function without the adapters' 120 extra low-rank matmuls per forward). Serving never trains or
+    saves, so merging is safe."""
     from mixllm.lora import merge_lora
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
