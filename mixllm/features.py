@@ -203,11 +203,6 @@ class FeatureLayout:
         return [name for name, _, _ in self.parts]
 
     @property
-    def names(self) -> list[str]:
-        """The parts' names, in column order."""
-        return [name for name, _, _ in self.parts]
-
-    @property
     def width(self) -> int:
         """F: the table's total width (0 without features)."""
         return self.parts[-1][2] if self.parts else 0

@@ -44,15 +44,12 @@ import logging
 import math
 import os
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from mixllm.errors import MixLLMError
+from serving.process import free_port, running_server, wait_ready
 from serving.settings import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
@@ -322,63 +320,6 @@ def score_parity(ranker, request: BenchRequest, response: dict) -> float:
 
 
 # --- the server ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextmanager
-def running_server(command: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """``command`` as a child process logging to ``log_path``; terminated (then killed) on exit."""
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        log.info("server: pid %d, log %s", process.pid, log_path)
-        try:
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.info("server: stopped (exit code %s)", process.returncode)
-
-
-def wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> dict:
-    """Poll ``/ready`` until it answers 200; BenchError if the server exits, fails to load or
-    takes longer than ``timeout_s``."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=base_url, timeout=5.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchError(f"the server exited (code {process.returncode}) before it was ready; its log "
-                                 f"{log_path} ends:\n{_tail(log_path)}")
-            try:
-                response = client.get("/ready")
-            except httpx.TransportError:
-                time.sleep(0.5)
-                continue
-            if response.status_code == 200:
-                return response.json()
-            if response.json().get("error", {}).get("type") == "load_failed":
-                raise BenchError(f"the server could not start: {response.json()['error']['message']}")
-            time.sleep(0.5)
-    raise BenchError(f"the server was not ready after {timeout_s:.0f} s (--ready-timeout); its log {log_path} "
-                     f"ends:\n{_tail(log_path)}")
-
-
 async def drive(base_url: str, endpoint: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
     """Send ``bodies`` with ``concurrency`` closed-loop clients (each sends its next request when
     its last is answered); the level's :func:`summarize`."""
@@ -554,7 +495,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mixllm-bench-") as workdir:
         port, log_path = free_port(), Path(workdir) / "server.log"
         base_url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "mixllm", "serve", "--host", "127.0.0.1", "--port", str(port),
+        command = ["--host", "127.0.0.1", "--port", str(port),
                    "--checkpoint", *settings.checkpoint, "--sasrec", settings.sasrec,
                    "--store", str(Path(workdir) / "store.sqlite"), "--max-batch-size", str(max_batch),
                    "--max-wait-ms", f"{settings.max_wait_ms:g}", "--max-queue", str(settings.max_queue),

@@ -20,13 +20,10 @@ import json
 import logging
 import os
 import shlex
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 
+from serving.process import running_server, wait_ready
 from serving.settings import Settings
 
 NEW_ITEM = ("demo-toy-story-4", "Toy Story 4 (2019); genres: Animation, Children's, Comedy")  # the catalog's text format
@@ -90,49 +87,20 @@ def run_examples(base: str, api_key: str | None = None) -> None:
               "Saw (2004), Horror|Thriller", "Shrek (2001), Animation|Comedy"], "return_documents": True})
 
 
-def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 900) -> None:
-    start, last = time.monotonic(), ""
-    while time.monotonic() - start < timeout_s:
-        if process.poll() is not None:
-            raise SystemExit(f"mixllm demo: the server exited with code {process.returncode}; see its log above")
-        try:
-            response = httpx.get(f"{base}/ready", timeout=2)
-            if response.status_code == 200:
-                print(f"ready after {time.monotonic() - start:.0f} s: {response.json()}", flush=True)
-                return
-            state = response.json().get("error", {}).get("message", "")
-            if "start-up failed" in state:
-                raise SystemExit(f"mixllm demo: {state}")
-        except httpx.TransportError:
-            state = "starting"
-        if state != last:
-            print(f"waiting for /ready: {state}", flush=True)
-            last = state
-        time.sleep(1)
-    raise SystemExit(f"mixllm demo: the server was not ready after {timeout_s:.0f} s")
-
-
 def cli_demo(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo prints its own lines
     settings = Settings.from_env(port=args.port)
     base = f"http://{settings.host}:{settings.port}"
-    command = [sys.executable, "-m", "mixllm", "serve", "--port", str(settings.port)]
-    print("starting: " + shlex.join(command), flush=True)
-    process = subprocess.Popen(command)
+    print(f"starting: mixllm serve --port {settings.port}", flush=True)
     try:
-        wait_ready(base, process)
-        run_examples(base, settings.api_key)
-        if os.environ.get("DEMO_ONESHOT", "") not in ("", "0"):
-            return 0
-        print(f"\nserving on {base} (OpenAPI docs at {base}/docs); Ctrl-C to stop", flush=True)
-        process.wait()
-        return process.returncode or 0
+        with running_server(["--port", str(settings.port)]) as process:
+            ready = wait_ready(base, process, timeout_s=900, on_state=lambda state: print(f"waiting for /ready: {state}", flush=True))
+            print(f"ready: {ready}", flush=True)
+            run_examples(base, settings.api_key)
+            if os.environ.get("DEMO_ONESHOT", "") not in ("", "0"):
+                return 0
+            print(f"\nserving on {base} (OpenAPI docs at {base}/docs); Ctrl-C to stop", flush=True)
+            process.wait()
+            return process.returncode or 0
     except KeyboardInterrupt:
         return 0
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()

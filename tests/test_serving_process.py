@@ -3,59 +3,31 @@ survives SIGKILL at a random moment (several rounds). Loads the packaged MiniLM 
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import socket
-import subprocess
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from serving.process import free_port, running_server, wait_ready
 from serving_world import session_world
 
-REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180.0
 ROUNDS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve(world, store: Path, log: Path):
-    """A ``mixllm serve`` process on a free loopback port, ready; always killed on the way out."""
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MIXLLM_WARMUP": "false"}
-    with open(log, "ab") as out:
-        process = subprocess.Popen([str(REPO / ".venv" / "bin" / "mixllm"), "serve", *world.serve_args(store, port)],
-                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    """A ready ``mixllm serve`` on a free loopback port (serving.process, as the demo and the benchmark
+    start theirs); stopped on the way out if the test has not killed it."""
+    port = free_port()
+    with running_server([*world.serve_args(store, port), "--warmup", "false"], log) as process:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                if process.poll() is not None:
-                    raise AssertionError(f"mixllm serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"mixllm serve not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+            wait_ready(f"http://127.0.0.1:{port}", process, START_TIMEOUT_S, log)
             yield process, client
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
 
 
 @pytest.fixture(scope="module")
