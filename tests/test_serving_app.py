@@ -417,6 +417,36 @@ def test_overload_answers_503_with_retry_after_and_recovers(client, world, monke
     assert _runtime(client).models["student"].batcher.depth == 0
 
 
+def test_rerank_waits_in_the_same_bounded_queue(client, world, monkeypatch):
+    """/v1/rerank goes through the model's batcher: with the model held, reranks beyond one batch plus
+    MAX_QUEUE are refused at once with 503 + Retry-After (no unbounded backlog), the rest are served."""
+    ranking = _runtime(client).ranking
+    original = ranking.run_batch
+    gate = threading.Event()
+
+    def held_batch(model, batch):
+        assert gate.wait(10)
+        return original(model, batch)
+
+    monkeypatch.setattr(ranking, "run_batch", held_batch)
+    body = {"query": "a film", "documents": ["one", "two"]}
+    responses = []
+    threads = [threading.Thread(target=lambda: responses.append(client.post("/v1/rerank", json=body))) for _ in range(12)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not any(r.status_code == 503 for r in responses) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(20)
+    statuses = [r.status_code for r in responses]
+    assert len(statuses) == 12 and set(statuses) == {200, 503}, statuses
+    assert statuses.count(200) <= 4 + MAX_QUEUE  # one batch (max_batch_size 4) in the model + the queue
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.json()["error"]["type"] == "overloaded" and int(refused.headers["Retry-After"]) >= 1
+
+
 def test_health_answers_while_the_model_is_busy(client, world, monkeypatch):
     """Model work runs off the event loop: while a forward is in progress (held open here until
     /health has answered), /health, /ready and a catalog read still answer. If any of them waited
