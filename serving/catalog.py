@@ -48,6 +48,7 @@ import torch
 from mixllm.errors import DataError
 from mixllm.features import FeatureLayout, neighbour_mean
 from mixllm.item_cache import ItemTokenCache, cache_key
+from mixllm.provenance import atomic_write
 from mixllm.ranking import MixLLMRanker
 from serving.errors import Invalid, NotFound
 from serving.store import Item, Store
@@ -157,10 +158,8 @@ class Catalog:
             return torch.load(path, weights_only=True)
         vectors = self.encode_texts(texts)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(vectors, tmp)
-            tmp.replace(path)
+            with atomic_write(path) as tmp:  # replicas may write it at once: each into its own temp file
+                torch.save(vectors, tmp)
         return vectors
 
     def _is_original(self, row: int) -> bool:
@@ -321,16 +320,11 @@ class Catalog:
                 self.client_features[it.row] = it.features
             else:
                 self.client_features.pop(it.row, None)
-        vectors = self.encode_texts([it.text for it in items])
-        if self.text_vectors.shape[0] < len(self.item_ids):
-            pad = torch.zeros(len(self.item_ids) - self.text_vectors.shape[0], self.text_vectors.shape[1])
-            self.text_vectors = torch.cat([self.text_vectors, pad])
-        self.text_vectors[rows] = vectors.float()
+        self.text_vectors = _grown(self.text_vectors, len(self.item_ids))
+        self.text_vectors[rows] = self.encode_texts([it.text for it in items]).float()
         for student in self.students.values():
             new_rows = self._student_rows(student, rows)
-            if student.features.shape[0] < len(self.item_ids):
-                pad = torch.zeros(len(self.item_ids) - student.features.shape[0], student.features.shape[1])
-                student.features = torch.cat([student.features, pad])
+            student.features = _grown(student.features, len(self.item_ids))
             student.features[rows] = new_rows
             tokens = ItemTokenCache.encode(student.ranker.model, features=new_rows)
             student.ranker.token_cache.put(rows, tokens)
@@ -338,3 +332,10 @@ class Catalog:
             teacher.catalog.texts = self.texts
         if self.retriever is not None:
             self.retriever.set_rows(rows, self._retriever_rows(rows))
+
+
+def _grown(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """``table`` with zero rows appended up to ``rows`` (itself when it is long enough)."""
+    if table.shape[0] >= rows:
+        return table
+    return torch.cat([table, table.new_zeros(rows - table.shape[0], *table.shape[1:])])

@@ -115,13 +115,17 @@ class RankingService:
             seen = set(rows)
         return UserContext(rows[-max_history:] if max_history else [], len(rows), seen, rows[-retrieval_len:])
 
-    def _check_candidates(self, candidates: Sequence[str], field: str = "candidates") -> None:
+    def _check_count(self, count: int, field: str) -> None:
+        """``count`` items (candidates or documents) within 1..max_candidates, else Invalid naming both."""
         limit = self.settings.max_candidates
-        if not candidates:
-            raise Invalid(f"{field}: the list is empty; give at least one item id", field=field, value=0, limit=1)
-        if len(candidates) > limit:
-            raise Invalid(f"{field}: {len(candidates)} items is more than the limit of {limit} (max_candidates)",
-                          field=field, value=len(candidates), limit=limit)
+        if count == 0:
+            raise Invalid(f"{field}: the list is empty; give at least one item", field=field, value=0, limit=1)
+        if count > limit:
+            raise Invalid(f"{field}: {count} items is more than the limit of {limit} (max_candidates)",
+                          field=field, value=count, limit=limit)
+
+    def _check_candidates(self, candidates: Sequence[str], field: str = "candidates") -> None:
+        self._check_count(len(candidates), field)
         seen: dict[str, int] = {}
         for i, c in enumerate(candidates):
             if c in seen:
@@ -217,7 +221,7 @@ class RankingService:
         """(model name, one score per document, prompt tokens): through the model's batcher, so a
         rerank waits in the same bounded queue as rank requests and never overlaps a forward."""
         model = self.model(model_name)
-        self._check_candidates([str(i) for i in range(len(documents))], "documents")  # the size limits
+        self._check_count(len(documents), "documents")
         scores, tokens = await model.batcher.submit(RerankJob(query, list(documents)))
         return model.name, scores, tokens
 

@@ -119,9 +119,6 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def replace(self, **changes) -> Settings:
-        return dataclasses.replace(self, **changes)
-
 
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')} / MIXLLM_{name.upper()}"
