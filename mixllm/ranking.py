@@ -511,7 +511,11 @@ class MixLLMRanker(nn.Module):
         """Tokenize and pad a batch of requests (on the CPU; call ``.to(device)`` as needed)."""
         if not requests:
             raise DataError("requests: the batch is empty")
-        prompts = [self.build_prompt(r, i) for i, r in enumerate(requests)]
+        return self.collate([self.build_prompt(r, i) for i, r in enumerate(requests)])
+
+    def collate(self, prompts: Sequence[RankingPrompt]) -> RankingInputs:
+        """Pad tokenized prompts (:meth:`build_prompt`, or the prompt builder's own) into a batch in
+        the model's dtype (on the CPU; call ``.to(device)`` as needed)."""
         return collate_prompts(prompts, self.processor.pad_token_id, self._dtype)
 
     @property

@@ -24,7 +24,7 @@ import torch
 
 from mixllm.data import PAD
 from mixllm.errors import DataError
-from mixllm.ranking import MixLLMRanker, RankingRequest, collate_prompts
+from mixllm.ranking import MixLLMRanker, RankingRequest
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
 from serving.errors import Invalid, NotFound
@@ -156,8 +156,7 @@ class RankingService:
                         out[i] = Invalid(str(error), field="request")
                 if not prompts:
                     return out
-                device = next(ranker.parameters()).device
-                inputs = collate_prompts([p for _, p in prompts], ranker.processor.pad_token_id, _dtype(ranker)).to(device)
+                inputs = ranker.collate([p for _, p in prompts]).to(next(ranker.parameters()).device)
                 item_embeds = ranker.gather_item_tokens(inputs)  # a copy: later cache writes cannot reach it
             scores = ranker(inputs, item_embeds=item_embeds).float().cpu()
         for b, (i, prompt) in enumerate(prompts):
@@ -237,14 +236,9 @@ class RankingService:
                 student = self.catalog.students[model.name]
                 features = self.catalog.document_features(student, list(documents))
                 prompt = ranker.prompts.student(candidate_features=features, history_text=query)
-            inputs = collate_prompts([prompt], ranker.processor.pad_token_id, _dtype(ranker))
-            device = next(ranker.parameters()).device
-            scores = ranker(inputs.to(device)).float().cpu()[0, : len(documents)]
+            inputs = ranker.collate([prompt]).to(next(ranker.parameters()).device)
+            scores = ranker(inputs).float().cpu()[0, : len(documents)]
         return scores.tolist(), prompt.num_tokens
-
-
-def _dtype(ranker: MixLLMRanker) -> torch.dtype:
-    return next(ranker.model.language_model.parameters()).dtype
 
 
 def softmax(scores: Sequence[float]) -> list[float]:
