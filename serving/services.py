@@ -60,7 +60,7 @@ class UserContext:
     given: int
     """History items available (before truncation)."""
     seen: set[int] = field(default_factory=set)
-    """Rows the user interacted with (for exclude_seen)."""
+    """Rows the user interacted with (filled only for exclude_seen: one more store read)."""
     retrieval_rows: list[int] = field(default_factory=list)
     """The longer history the retriever reads (up to its max_len)."""
 
@@ -100,8 +100,10 @@ class RankingService:
             raise NotFound(f"model: unknown model {name!r} (served: {', '.join(self.models)})", field="model", value=name)
         return self.models[name]
 
-    def user_context(self, user_id: str | None, history: Sequence[str] | None, max_history: int) -> UserContext:
-        """Resolve ``{"id": ...}`` or ``{"history": [...]}`` into rows (most recent max_history)."""
+    def user_context(self, user_id: str | None, history: Sequence[str] | None, max_history: int,
+                     with_seen: bool = False) -> UserContext:
+        """Resolve ``{"id": ...}`` or ``{"history": [...]}`` into rows (most recent max_history);
+        ``with_seen`` also reads every item the user interacted with (recommend's exclude_seen)."""
         retrieval_len = self.catalog.retriever.sasrec.config.max_len if self.catalog.retriever is not None else max_history
         if user_id is not None:
             store = self.catalog.store
@@ -109,7 +111,7 @@ class RankingService:
                 raise NotFound(f"user.id: unknown user id {user_id!r}", field="user.id", value=user_id)
             ids = store.history(user_id)
             rows = [self.catalog.row_of[i] for i in ids if i in self.catalog.row_of and self.catalog.live[self.catalog.row_of[i]]]
-            seen = {self.catalog.row_of[i] for i in store.seen(user_id) if i in self.catalog.row_of}
+            seen = {self.catalog.row_of[i] for i in store.seen(user_id) if i in self.catalog.row_of} if with_seen else set()
         else:
             rows = self.catalog.rows(list(history or []), "user.history")
             seen = set(rows)
@@ -178,11 +180,12 @@ class RankingService:
         results = [{"item_id": candidates[i], "index": i, "score": float(scores[i])} for i in order]
         return Ranked(model.name, results, tokens, context.describe())
 
-    def _resolve(self, user_id, history, max_history: int, candidates: Sequence[str] = ()) -> tuple[UserContext, list[int]]:
+    def _resolve(self, user_id, history, max_history: int, candidates: Sequence[str] = (),
+                 with_seen: bool = False) -> tuple[UserContext, list[int]]:
         """(worker thread) Pull other replicas' catalog changes, then the user's rows and the candidates' rows."""
         self.catalog.refresh()
         with self.catalog.lock:
-            return self.user_context(user_id, history, max_history), self.catalog.rows(candidates, "candidates")
+            return self.user_context(user_id, history, max_history, with_seen), self.catalog.rows(candidates, "candidates")
 
     async def recommend(self, user_id: str | None, history: Sequence[str] | None, k: int, exclude_seen: bool = True,
                         model_name: str | None = None) -> Ranked:
@@ -201,7 +204,7 @@ class RankingService:
 
     def _retrieve(self, user_id, history, max_history: int, exclude_seen: bool) -> tuple[UserContext, list[int]]:
         """(worker thread) The user and the retriever's top ``retrieve`` rows among the allowed items."""
-        context, _ = self._resolve(user_id, history, max_history)
+        context, _ = self._resolve(user_id, history, max_history, with_seen=exclude_seen)
         with self.catalog.lock:
             allowed = self.catalog.live.copy()
             if exclude_seen and context.seen:
