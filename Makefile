@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations clean
+.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations caption caption-eval clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,8 @@ serve: setup
 	$(VENV)/bin/mixllm serve
 
 # The service's latency and throughput at concurrency 1, 8 and 32 (student, teacher, /v1/recommend) next to
-# the bare scorer in one run -> reports/serving.json and BENCHMARKS.md; about 5 min on a 2-core CPU.
+# the bare scorer in one run, and /v1/chat/completions' time to first token and tokens/s when an image QA
+# model is served -> reports/serving.json and BENCHMARKS.md; about 5 min on a 2-core CPU.
 bench-serve: setup
 	$(PY) -m serving.bench
 
@@ -53,6 +54,19 @@ rankers: setup
 	cp -r runs/student_labels/ranker checkpoints/student_labels
 	$(MAKE) rankers-eval
 	$(MAKE) rankers-ablations
+
+# LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
+# held-out report reports/scenes_qa.{json,md}. About 75 min of 2-core CPU time (see the README).
+caption: setup
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml
+	rm -rf checkpoints/scenes_qa
+	mkdir -p checkpoints
+	cp -r runs/caption_stage2/model checkpoints/scenes_qa
+	$(MAKE) caption-eval
+
+caption-eval: setup
+	$(VENV)/bin/mixllm eval caption --model checkpoints/scenes_qa --speed
 
 # Item-feature ablations of the distilled student (same stored teacher scores) and the labels-only
 # twin of the MiniLM-only one, scored on sampled-20 -> reports/ml100k_ablations.{json,md}.

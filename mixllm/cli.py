@@ -21,6 +21,11 @@ def _handler(spec: str):
     return run
 
 
+def _train_handler(args: argparse.Namespace) -> int | None:
+    spec = "training.caption:cli_train" if args.role == "caption" else "training.rankers:cli_train"
+    return _handler(spec)(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -49,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_handler("mixllm.generation:cli_generate"))
 
+    # --- ask --------------------------------------------------------------------------------
+    ask = commands.add_parser("ask", help="answer a question about an image with an image QA model")
+    ask.add_argument("image", help="a PNG, JPEG or WebP file")
+    ask.add_argument("question", help="the question about the image")
+    ask.add_argument("--model", default=None, help="a mixllm or llava-hf checkpoint directory "
+                     "(default: checkpoints/scenes_qa, which `make caption` trains)")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--max-tokens", type=int, default=64, help="most tokens in the answer")
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=0, help="seeds sampling")
+    ask.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    ask.set_defaults(func=_handler("mixllm.qa:cli_ask"))
+
     # --- demo -------------------------------------------------------------------------------
     demo = commands.add_parser("demo", help="the main job: start the ranking service on the defaults, send example "
                                "requests, print them with curl lines, keep serving (DEMO_ONESHOT=1: stop after)")
@@ -59,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen_demo.set_defaults(func=_handler("mixllm.generation:cli_demo"))
 
     # --- train ------------------------------------------------------------------------------
-    train = commands.add_parser("train", help="train a ranker (Lightning): the textual teacher or the distilled student")
-    train.add_argument("role", choices=["teacher", "student"], help="which ranker to train")
+    train = commands.add_parser("train", help="train with Lightning: a ranker (the textual teacher or the distilled "
+                                "student) or an image-caption/QA stage")
+    train.add_argument("role", choices=["teacher", "student", "caption"],
+                       help="teacher/student: a ranker; caption: one of LLaVA's two stages (see the recipe's stage)")
     train.add_argument("--config", required=True, help="YAML recipe (training/configs/*.yaml)")
     train.add_argument("--resume", default=None, help="Lightning checkpoint (.ckpt) to resume from")
     train.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="overrides",
                        help="override recipe fields (VALUE is read as YAML), e.g. --set item_features=minilm output_dir=runs/x")
-    train.set_defaults(func=_handler("training.rankers:cli_train"))
+    train.set_defaults(func=_train_handler)
 
     # --- eval -------------------------------------------------------------------------------
     ev = commands.add_parser("eval", help="evaluate recommenders on the evaluation protocols")
@@ -101,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--cache-dir", default=None, help="root for candidate lists and SASRec (default $MIXLLM_HOME)")
     rk.add_argument("--no-progress", action="store_true", help="no progress bars")
     rk.set_defaults(func=_handler("training.ranker_eval:cli_eval_ranker"))
+
+    cap = ev_cmds.add_parser("caption", help="image QA on held-out scenes: accuracy per question type beside the "
+                             "majority answer, the image zeroed and the untrained projector; the caption loss")
+    cap.add_argument("--model", default="checkpoints/scenes_qa", help="mixllm checkpoint with an image modality")
+    cap.add_argument("--scenes", default=None, help="scenes folder (default: the one --config's recipe writes)")
+    cap.add_argument("--config", default="caption_stage2.yaml", help="recipe whose scenes are evaluated")
+    cap.add_argument("--max-scenes", type=int, default=200, help="test scenes (each asks all its questions)")
+    cap.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
+    cap.add_argument("--speed", action="store_true", help="also time to first token (median of 10)")
+    cap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    cap.add_argument("--output", default="reports/scenes_qa.json", help="JSON report (markdown beside it)")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cap.set_defaults(func=_handler("training.caption_eval:cli_eval_caption"))
 
     # --- serve ------------------------------------------------------------------------------
     from serving.cli import add_serve_parser  # light: settings only, the app is imported when it runs

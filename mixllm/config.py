@@ -30,6 +30,9 @@ class ImageConfig:
     a CLS token (SigLIP), else "default"."""
     image_size: int = 224
     """Input resolution fed to the tower (efficientnet-lite0: 224 gives a 7x7 grid)."""
+    pooled_grid: int | None = None
+    """Average-pool the tower's square grid of tokens to ``pooled_grid x pooled_grid`` before the projector
+    (e.g. 4: 49 -> 16 image tokens); None keeps every token."""
     freeze_encoder: bool = True
     """Keep the vision tower's weights fixed (LLaVA stage 1)."""
     projector: str = "mlp2x_gelu"
@@ -119,6 +122,8 @@ class MixLLMConfig:
                 raise ValueError(f"{name}.projector {kind!r} is not one of {PROJECTOR_TYPES}")
         if self.image is not None and self.image.encoder not in ("efficientnet-lite0", "hf"):
             raise ValueError(f"image.encoder must be 'efficientnet-lite0' or 'hf', got {self.image.encoder!r}")
+        if self.image is not None and self.image.pooled_grid is not None and self.image.pooled_grid < 1:
+            raise ValueError(f"image.pooled_grid must be >= 1 or null, got {self.image.pooled_grid}")
         if self.item is not None:
             if self.item.tokens_per_item < 1:
                 raise ValueError(f"item.tokens_per_item must be >= 1, got {self.item.tokens_per_item}")

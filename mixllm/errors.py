@@ -11,3 +11,15 @@ class AssetError(MixLLMError):
 
 class DataError(MixLLMError):
     """Input data (a user's dataset, a request) is malformed; the message names file, column, row or field."""
+
+
+class InputError(DataError):
+    """One input of a request is wrong: the error names the ``field``, the ``value`` given and the ``limit``
+    broken (when there is one), and carries the HTTP ``status`` a service answers with."""
+
+    status = 422
+    type = "invalid_value"
+
+    def __init__(self, message: str, field: str | None = None, value=None, limit=None) -> None:
+        super().__init__(message)
+        self.field, self.value, self.limit = field, value, limit

@@ -7,7 +7,6 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -26,6 +25,8 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     num_beams: int = 1
+    seed: int | None = None
+    """Seeds torch's generator before sampling (:mod:`mixllm.qa`), so the same request samples the same answer."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -36,6 +37,8 @@ class GenerationSettings:
             raise DataError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_beams < 1:
             raise DataError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise DataError(f"seed must be in [0, 2**63), got {self.seed}")
 
     def generate_kwargs(self) -> dict:
         if self.temperature > 0:
@@ -65,20 +68,11 @@ def load_for_generation(checkpoint: str | None, with_image: bool = False):
     return build(config)
 
 
-def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise DataError(f"--image: no such file {path}")
-    try:
-        return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"--image: {path} is not a readable image ({err})") from err
-
-
 def cli_generate(args: argparse.Namespace) -> int:
+    from mixllm.image_input import open_image_file
+
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.num_beams)
-    image = _open_image(args.image) if args.image else None
+    image = open_image_file(args.image, field="--image") if args.image else None
     torch.manual_seed(args.seed)
     model, processor = load_for_generation(args.checkpoint)
     if processor is None:

@@ -33,6 +33,23 @@ CONFIG_NAME = "mixllm_config.json"
 WEIGHTS_NAME = "mixllm_weights.safetensors"
 
 
+MODALITY_INPUTS = (
+    "pixel_values", "vision_features", "item_features", "item_ids", "item_embeds", "user_history", "user_history_mask",
+)
+"""The keyword arguments of :meth:`MixLLMForCausalLM.embed_inputs`, which ``forward`` and ``generate`` pass on."""
+
+
+def _pop_modality_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {name: kwargs.pop(name) for name in MODALITY_INPUTS if name in kwargs}
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Position ids that count real tokens only, so left padding does not shift them; None without a 2-D mask."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
 class MixLLMForCausalLM(nn.Module):
     def __init__(self, config: MixLLMConfig, language_model: nn.Module, image_tower: nn.Module | None = None):
         super().__init__()
@@ -77,9 +94,15 @@ class MixLLMForCausalLM(nn.Module):
             out["user"] = self.config.user.num_tokens
         return out
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, num_image_tokens, hidden)."""
-        return self.projectors["image"](self.encoders["image"](pixel_values))
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, 3, H, W) pixels, or (N, tower_tokens, D) tower features computed earlier (a training cache)
+        -> (N, num_image_tokens, hidden)."""
+        encoder = self.encoders["image"]
+        if vision_features is None:
+            vision_features = encoder.tower_features(pixel_values)
+        return self.projectors["image"](encoder.pool(vision_features.to(self.projectors["image"].linear_1.weight.dtype)))
 
     def get_item_features(
         self, item_features: torch.Tensor | None = None, item_ids: torch.Tensor | None = None
@@ -104,15 +127,18 @@ class MixLLMForCausalLM(nn.Module):
         user_history: torch.Tensor | None = None,
         user_history_mask: torch.Tensor | None = None,
         item_embeds: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with every placeholder replaced by its modality's projected features.
 
         ``item_embeds`` (N, k, D): item tokens already projected (``mixllm.item_cache``); when given,
-        the item encoder and projector do not run and ``item_features``/``item_ids`` are ignored."""
+        the item encoder and projector do not run and ``item_features``/``item_ids`` are ignored.
+        ``vision_features`` (N, tower_tokens, D): the frozen vision tower's output computed earlier;
+        when given, the tower does not run and ``pixel_values`` is ignored."""
         features: dict[str, torch.Tensor | None] = {}
-        if pixel_values is not None:
+        if pixel_values is not None or vision_features is not None:
             self._require("image")
-            features["image"] = self.get_image_features(pixel_values)
+            features["image"] = self.get_image_features(pixel_values, vision_features)
         if item_embeds is not None:
             self._require("item")
             features["item"] = item_embeds
@@ -138,42 +164,30 @@ class MixLLMForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        item_features: torch.Tensor | None = None,
-        item_ids: torch.Tensor | None = None,
-        user_history: torch.Tensor | None = None,
-        user_history_mask: torch.Tensor | None = None,
-        **lm_kwargs: Any,
+        **kwargs: Any,
     ):
-        """The language model's output (logits, loss when ``labels`` is given, hidden states...)."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, item_features, item_ids, user_history, user_history_mask)
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            # Positions count real tokens only, so left padding does not shift them.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        """The language model's output (logits, loss when ``labels`` is given, hidden states...).
+
+        Keyword arguments named in :data:`MODALITY_INPUTS` are the modalities' inputs (see
+        :meth:`embed_inputs`); the others go to the language model."""
+        inputs_embeds = self.embed_inputs(input_ids, **_pop_modality_inputs(kwargs))
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
         return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **lm_kwargs
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **kwargs
         )
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        item_features: torch.Tensor | None = None,
-        item_ids: torch.Tensor | None = None,
-        user_history: torch.Tensor | None = None,
-        user_history_mask: torch.Tensor | None = None,
-        **generate_kwargs: Any,
-    ) -> torch.Tensor:
-        """transformers' ``generate`` on the merged embeddings (greedy, sampling, beam search...).
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' ``generate`` on the merged embeddings (greedy, sampling, beam search...); modality
+        inputs as in :meth:`forward`, the other keyword arguments are ``generate``'s.
 
         Returns only the new tokens, (B * num_return_sequences, new_len).
         """
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, item_features, item_ids, user_history, user_history_mask)
+        inputs_embeds = self.embed_inputs(input_ids, **_pop_modality_inputs(kwargs))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _is_referenced(self, key: str) -> bool:

@@ -80,6 +80,7 @@ class MixLLMProcessor:
         user_history: Sequence[torch.Tensor] | None = None,
         padding_side: str | None = None,
         add_special_tokens: bool = False,
+        vision_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Build a batch.
 
@@ -90,6 +91,8 @@ class MixLLMProcessor:
             item_ids: (N_items,) one id per ``<item>`` placeholder, in order.
             user_history: one (L_u, F) tensor per ``<user>`` placeholder, most recent item last.
             padding_side: overrides the processor's default.
+            vision_features: instead of images, (N, tower_tokens, D) vision-tower features computed earlier
+                (one per ``<image>``); passed through as ``vision_features``.
             add_special_tokens: let the tokenizer add BOS/EOS (False for chat-template prompts,
                 which already hold them).
         """
@@ -103,11 +106,17 @@ class MixLLMProcessor:
         rows = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
         counts = {name: sum(row.count(tid) for row in rows) for name, tid in self.token_ids.items()}
         batch: dict[str, torch.Tensor] = {}
-        batch.update(self._image_inputs(images, counts.get("image", 0)))
+        if vision_features is not None:
+            if images is not None:
+                raise DataError("images and vision_features: give one or the other")
+            self._check_count("image", vision_features.shape[0], counts.get("image", 0))
+            batch["vision_features"] = vision_features
+        else:
+            batch.update(self._image_inputs(images, counts.get("image", 0)))
         batch.update(self._item_inputs(item_features, item_ids, counts.get("item", 0)))
         batch.update(self._user_inputs(user_history, counts.get("user", 0)))
 
-        expanded = [self._expand(row) for row in rows]
+        expanded = [self.expand(row) for row in rows]
         length = max(len(r) for r in expanded)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -119,7 +128,8 @@ class MixLLMProcessor:
         batch["attention_mask"] = attention_mask  # (B, T)
         return batch
 
-    def _expand(self, row: list[int]) -> list[int]:
+    def expand(self, row: list[int]) -> list[int]:
+        """Token ids with each placeholder repeated to its modality's number of feature tokens."""
         out: list[int] = []
         repeat = {self.token_ids[name]: self.num_tokens[name] for name in self.token_ids}
         for tid in row:

@@ -5,8 +5,11 @@ answers at once, ``/ready`` says 503 until the models, the caches and the warm-u
 every other route answers 503 ``not_ready`` with ``Retry-After`` until then.
 
 Errors: a client mistake answers 4xx with ``{"error": {"type", "message", "field", "value",
-"limit"}}`` (:mod:`serving.errors`); a full queue 503 with ``Retry-After``; a body over
-``max_body_bytes`` 413; a missing or wrong API key 401. Nothing answers with a stack trace.
+"limit"}}`` (:mod:`serving.errors`, and :class:`mixllm.errors.InputError` from the library: a bad
+image or chat message); a full queue 503 with ``Retry-After``; a body over ``max_body_bytes`` 413
+(the chat route allows its images on top: ``Settings.max_chat_body_bytes``); a missing or wrong API
+key 401; the chat route without an image QA model 503 ``model_unavailable``. Nothing answers with a
+stack trace.
 """
 
 from __future__ import annotations
@@ -23,19 +26,21 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mixllm.errors import DataError
+from mixllm.errors import DataError, InputError
 from serving import schemas
 from serving.batching import MicroBatcher, Overloaded
-from serving.errors import ClientError, NotReady
+from serving.chat_schemas import ChatCompletion, ChatCompletionRequest
+from serving.errors import ClientError, NotReady, Unavailable, error_body
 from serving.metrics import Metrics
 from serving.services import softmax
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")
+CHAT_PATH = "/v1/chat/completions"
 
 
 def _runtime(request: Request):
@@ -62,7 +67,7 @@ async def health() -> dict:
 async def ready(request: Request) -> JSONResponse:
     state = request.app.state
     if state.runtime is not None:
-        return JSONResponse({"status": "ready", "models": list(state.runtime.models)})
+        return JSONResponse({"status": "ready", "models": state.runtime.model_names})
     if state.load_error is not None:
         return _error(503, {"error": {"type": "load_failed", "message": state.load_error}})
     return _error(503, {"error": {"type": "not_ready", "message": "loading models and caches"}}, {"Retry-After": "2"})
@@ -79,7 +84,23 @@ async def models(request: Request) -> dict:
     runtime = _runtime(request)
     cards = [schemas.ModelCard(id=m.name, kind=m.kind, max_history=m.max_history, default=m.name == runtime.ranking.default_model)
              for m in runtime.models.values()]
-    return {"object": "list", "data": [c.model_dump() for c in cards]}
+    if runtime.chat is not None:
+        cards.append(schemas.ModelCard(id=runtime.chat.name, kind="image-qa", default=False,
+                                       max_images=runtime.chat.qa.max_images))
+    return {"object": "list", "data": [c.model_dump(exclude_none=True) for c in cards]}
+
+
+@router.post(CHAT_PATH, response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    """OpenAI's chat completions with the image QA model; ``"stream": true`` answers server-sent events."""
+    runtime = _runtime(request)
+    if runtime.chat is None:
+        raise Unavailable(f"{CHAT_PATH}: {runtime.chat_unavailable}", field="model", value=body.model)
+    job = await runtime.chat.create(body)
+    if body.stream:
+        return StreamingResponse(runtime.chat.stream(job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await runtime.chat.complete(job)
 
 
 def _ranked(ranked) -> schemas.RankResponse:
@@ -164,11 +185,14 @@ def create_app(settings: Settings, load=None) -> FastAPI:
             if runtime is not None:
                 for model in runtime.models.values():
                     await model.batcher.stop()
+                if runtime.chat is not None:
+                    runtime.chat.close()
                 runtime.store.close()
             app.state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mixllm", version="0.1.0", lifespan=lifespan,
-                  description="Embedding-token ranking and recommendation: rank, recommend, rerank, items, events.")
+                  description="Embedding-token ranking and recommendation: rank, recommend, rerank, items, events; "
+                              "image question answering: chat completions.")
     app.state.metrics = Metrics()
     app.state.runtime, app.state.load_error, app.state.settings = None, None, settings
     app.include_router(router)
@@ -197,16 +221,23 @@ async def _start(app: FastAPI, settings: Settings, load) -> None:
         )
         model.batcher.start()
         metrics.model_loaded(model.name, model.load_seconds)
+    if runtime.chat is not None:
+        runtime.chat.metrics = metrics
+        metrics.model_loaded(runtime.chat.name, runtime.chat.load_seconds)
     metrics.cache_rows(runtime.catalog)
     app.state.runtime = runtime
-    log.info("ready in %.1f s: models %s", time.perf_counter() - start, ", ".join(runtime.models))
+    log.info("ready in %.1f s: models %s", time.perf_counter() - start, ", ".join(runtime.model_names))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientError)
     async def client_error(request: Request, error: ClientError) -> JSONResponse:
-        headers = {"Retry-After": "2"} if error.status == 503 else None
+        headers = {"Retry-After": "2"} if isinstance(error, NotReady) else None
         return _error(error.status, error.body(), headers)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, error: InputError) -> JSONResponse:
+        return _error(error.status, error_body(error))
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, error: DataError) -> JSONResponse:
@@ -264,8 +295,8 @@ class BodyTooLarge(StarletteHTTPException):
     """Raised while a body streams in past the limit; an HTTPException, so FastAPI's body parsing
     re-raises it instead of turning it into a 400."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than the limit of {limit} bytes (max_body_bytes)")
+    def __init__(self, limit: int, setting: str = "max_body_bytes") -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes ({setting})")
         self.limit = limit
 
 
@@ -302,9 +333,11 @@ class GuardMiddleware:
                                                   "'Authorization: Bearer <MIXLLM_API_KEY>'", "field": "Authorization"}},
                                   {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
-        limit = self.settings.max_body_bytes
+        chat = scope["path"] == CHAT_PATH
+        limit = self.settings.max_chat_body_bytes if chat else self.settings.max_body_bytes
+        setting = "max_body_bytes + max_images x max_image_bytes, base64" if chat else "max_body_bytes"
         too_large = _error(413, {"error": {"type": "body_too_large", "message": f"the request body is larger than the "
-                                           f"limit of {limit} bytes (max_body_bytes)", "limit": limit}})
+                                           f"limit of {limit} bytes ({setting})", "limit": limit}})
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await too_large(scope, receive, send)
@@ -315,7 +348,7 @@ class GuardMiddleware:
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
                 if received[0] > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         async def tracking_send(message):

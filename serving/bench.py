@@ -16,7 +16,12 @@ One run:
 4. drives the server from this process over loopback (httpx, asyncio, ``c`` closed-loop clients =
    concurrency ``c``), a bounded number of requests per level: ``/v1/rank`` with every model,
    ``/v1/recommend`` with the student (FAISS top-100 from SASRec, reranked);
-5. stops the server (always, in a ``finally``) and writes ``reports/serving.json`` and the serving
+5. when the server serves an image QA model (``GET /v1/models``: kind "image-qa"), sends
+   ``--chat-requests`` streamed ``/v1/chat/completions`` requests one at a time (an image and a
+   question, ``--chat-max-tokens`` tokens at most) and takes the medians of the time to the first
+   text and of the decoding rate: (completion tokens - 1) over the time from the first text to the
+   last; without one the row is skipped with a note;
+6. stops the server (always, in a ``finally``) and writes ``reports/serving.json`` and the serving
    section of ``BENCHMARKS.md`` (between markers, so other sections of that file are kept).
 
 Latency is measured by the client, from sending a request to having read the whole response.
@@ -62,7 +67,8 @@ from serving.settings import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-RANK, RECOMMEND = "/v1/rank", "/v1/recommend"
+RANK, RECOMMEND, CHAT = "/v1/rank", "/v1/recommend", "/v1/chat/completions"
+CHAT_QUESTION = "What is in the image?"
 HISTORY_LENGTH = 10
 CANDIDATE_PROTOCOL = "sampled-20"  # 20 candidates: the target and 19 sampled negatives
 BARE_BATCH_SIZE = 8
@@ -178,6 +184,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0"
         lines.append(f"| {row['model']} | `{row['endpoint']}` | {row['concurrency']} | {row['n']} | {_fmt(row['p50_ms'])} | "
                      f"{_fmt(row['p99_ms'])} | {_fmt(row['requests_per_s'], 2)} | {_fmt(row.get('mean_batch_size'))} | {_fmt(row.get('mean_batch_ms'))} | {errors} |")
+    chat = report.get("chat")
+    if chat:
+        lines += ["", f"Image question answering: {chat['n']} streamed `{CHAT}` requests one at a time with "
+                  f"`{chat['model']}` (a {chat['image']} image, {chat['prompt_tokens']} prompt tokens, at most "
+                  f"{chat['max_tokens']} new tokens); medians.", "",
+                  "| model | requests | time to first token ms | decode tokens/s | completion tokens (mean) | errors |",
+                  "|---|---:|---:|---:|---:|---|",
+                  f"| {chat['model']} | {chat['n']} | {_fmt(chat['ttft_p50_ms'])} | {_fmt(chat['decode_tokens_per_s_p50'])} | "
+                  f"{_fmt(chat['completion_tokens_mean'])} | {', '.join(f'{k}: {v}' for k, v in chat['errors'].items()) or '0'} |"]  # fmt: skip
     lines += ["", f"Bare scorer: `MixLLMRanker.score` in the benchmark process, no HTTP, on the same requests while the "
               f"server is idle ({setup['bare_item_path']}).", "",
               "| model | requests one at a time | p50 ms | p99 ms | requests in batches of 8 | req/s in batches of 8 | median batch ms |",
@@ -361,6 +376,69 @@ def check_response(endpoint: str, request: BenchRequest, response) -> dict:
     return body
 
 
+# --- image question answering -------------------------------------------------------------------
+def chat_image_url(size: int = 224) -> str:
+    """A fixed test picture as a PNG data URL (the speed does not depend on what it shows)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").resize((size, size)).convert("RGB").save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def time_chat(base_url: str, model: str, requests: int, max_tokens: int) -> dict[str, Any]:
+    """``requests`` streamed chat completions one at a time (after ``WARMUP_REQUESTS`` untimed): the
+    medians of the time to the first text and of the decoding rate (module doc, step 5)."""
+    import httpx
+
+    body = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": chat_image_url()}},
+                                                      {"type": "text", "text": CHAT_QUESTION}]}]}  # fmt: skip
+    ttft, rates, tokens, prompt, errors = [], [], [], None, Counter()
+    with httpx.Client(base_url=base_url, timeout=600.0, trust_env=False) as client:
+        for i in range(WARMUP_REQUESTS + requests):
+            start, first, last, usage = time.perf_counter(), None, None, None
+            with client.stream("POST", CHAT, json=body) as response:
+                if response.status_code != 200:
+                    errors[str(response.status_code)] += 1
+                    continue
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    usage = chunk.get("usage") or usage
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                        last = time.perf_counter()
+                        first = first or last
+            if i < WARMUP_REQUESTS:
+                continue
+            if first is None or usage is None:
+                errors["no text"] += 1
+                continue
+            ttft.append(first - start)
+            tokens.append(usage["completion_tokens"])
+            prompt = usage["prompt_tokens"]
+            if usage["completion_tokens"] > 1 and last > first:
+                rates.append((usage["completion_tokens"] - 1) / (last - first))
+    return {"model": model, "endpoint": CHAT, "n": len(ttft), "errors": dict(errors), "max_tokens": max_tokens,
+            "image": "224x224 PNG", "prompt_tokens": prompt,
+            "ttft_p50_ms": percentile(ttft, 50) * 1000 if ttft else None,
+            "decode_tokens_per_s_p50": percentile(rates, 50) if rates else None,
+            "completion_tokens_mean": statistics.fmean(tokens) if tokens else None}  # fmt: skip
+
+
+def served_qa_model(base_url: str) -> str | None:
+    """The id of the image QA model the server serves, if any."""
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=30.0, trust_env=False) as client:
+        cards = client.get("/v1/models").json()["data"]
+    return next((c["id"] for c in cards if c.get("kind") == "image-qa"), None)
+
+
 # --- the command ---------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n\n")[0],
@@ -384,11 +462,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--recommend-requests", type=int, default=16, help="student /v1/recommend requests per level (same rule)")
     p.add_argument("--users", type=int, default=256, help="distinct MovieLens users (requests cycle through them)")
     p.add_argument("--seed", type=int, default=0, help="which users, and the candidate lists' seed")
+    p.add_argument("--qa-model", default=None, help="the server's image QA model ([NAME=]DIR; default: the server's "
+                   "own default, checkpoints/scenes_qa when it exists; '' for none)")
+    p.add_argument("--chat-requests", type=int, default=8, help="streamed /v1/chat/completions requests, one at a time")
+    p.add_argument("--chat-max-tokens", type=int, default=32, help="max_tokens of each chat request")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the server's /ready")
     p.add_argument("--output", default=str(REPO_ROOT / "reports/serving.json"), help="the JSON report")
     p.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"), help="where the table goes (its serving section)")
     args = p.parse_args(argv)
-    for name in ("requests", "teacher_requests", "recommend_requests", "users"):
+    for name in ("requests", "teacher_requests", "recommend_requests", "users", "chat_requests", "chat_max_tokens"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("concurrency", "teacher_concurrency"):
@@ -502,6 +584,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                    "--device", args.device]  # fmt: skip
         if args.threads:
             command += ["--threads", str(args.threads)]
+        if args.qa_model is not None:
+            command += ["--qa-model", args.qa_model]
         start = time.perf_counter()
         with running_server(command, log_path) as process:
             item_texts = list(load_movielens_100k().item_texts)  # loads beside the server's start-up
@@ -529,6 +613,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                 time_bare(ranker, [requests[0].rows], [])  # warm-up, untimed
             time_bare_half(0)
             service, parity = run_service(base_url, plan, requests, bare_rankers)
+            qa_model = served_qa_model(base_url)
+            chat = None
+            if qa_model is not None:
+                log.info("%s %s: %d streamed requests ...", qa_model, CHAT, args.chat_requests)
+                chat = time_chat(base_url, qa_model, args.chat_requests, args.chat_max_tokens)
+                log.info("%s %s: time to first token %s ms, %s tokens/s (medians)", qa_model, CHAT,
+                         _fmt(chat["ttft_p50_ms"]), _fmt(chat["decode_tokens_per_s_p50"]))
             time_bare_half(1)
             bare = {m: bare_figures(t) for m, t in times.items()}
             for name, b in bare.items():
@@ -538,6 +629,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     student = next((n for n, k in kinds.items() if k == "student"), None)
     teacher = next((n for n, k in kinds.items() if k == "teacher"), None)
     notes = []
+    if chat is None:
+        notes.append(f"{CHAT} was not measured: the server had no image QA model (train checkpoints/scenes_qa with "
+                     "`make caption`, or pass --qa-model DIR).")
     if not recommend:
         notes.append("/v1/recommend was not measured (run without a SASRec checkpoint).")
     elif student:
@@ -565,7 +659,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                               "half after, pooled",
             "levels": [vars(level) for level in plan],
         },
-        "service": service, "bare": bare, "score_parity_max_abs": parity, "notes": notes,
+        "service": service, "bare": bare, "chat": chat, "score_parity_max_abs": parity, "notes": notes,
     }  # fmt: skip
     report["targets"] = check_targets(report)
     return report

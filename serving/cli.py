@@ -19,11 +19,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for name, path in settings.models.items():  # fail before uvicorn starts, in one line
         if not path.is_dir():
             raise DataError(f"--checkpoint {name}={path}: no such checkpoint directory")
+    from serving.runtime import qa_checkpoint
+
+    qa_checkpoint(settings)  # the same for an image QA model that was asked for
     return settings
 
 
 def add_serve_parser(commands) -> None:
-    serve = commands.add_parser("serve", help="run the ranking and recommendation service (FastAPI + uvicorn)",
+    serve = commands.add_parser("serve", help="run the service: ranking, recommendation and image QA (FastAPI + uvicorn)",
                                 description="Every flag is also a MIXLLM_* environment variable (e.g. MIXLLM_PORT).")
     add_arguments(serve)
     serve.set_defaults(func=cli_serve)

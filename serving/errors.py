@@ -21,11 +21,17 @@ class ClientError(Exception):
         self.message, self.field, self.value, self.limit = message, field, value, limit
 
     def body(self) -> dict[str, Any]:
-        error = {"type": self.type, "message": self.message}
-        for key in ("field", "value", "limit"):
-            if getattr(self, key) is not None:
-                error[key] = getattr(self, key)
-        return {"error": error}
+        return error_body(self)
+
+
+def error_body(error: Exception) -> dict[str, Any]:
+    """``{"error": {"type", "message", "field", "value", "limit"}}`` of a :class:`ClientError` or a
+    :class:`mixllm.errors.InputError` (the library's twin: the same attributes), without the unset ones."""
+    body = {"type": error.type, "message": str(error)}
+    for key in ("field", "value", "limit"):
+        if getattr(error, key, None) is not None:
+            body[key] = getattr(error, key)
+    return {"error": body}
 
 
 class NotFound(ClientError):
@@ -47,3 +53,10 @@ class NotReady(ClientError):
 
     status = 503
     type = "not_ready"
+
+
+class Unavailable(ClientError):
+    """The route's model is not loaded in this service (a setting, not a moment: no Retry-After)."""
+
+    status = 503
+    type = "model_unavailable"

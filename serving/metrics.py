@@ -26,6 +26,11 @@ class Metrics:
         self.cache = Gauge("mixllm_item_cache_rows", "Rows of the item token cache (students) or catalog (others)",
                            ["model"], registry=self.registry)
         self.load_time = Gauge("mixllm_model_load_seconds", "Time to load each model", ["model"], registry=self.registry)
+        self.first_token = Histogram("mixllm_chat_time_to_first_token_seconds", "Chat completions: from the request "
+                                     "to its first generated text (queueing, image decoding, prefill)", ["model"],
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("mixllm_chat_tokens_total", "Chat completions: prompt and completion tokens",
+                              ["model", "kind"], registry=self.registry)
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -38,6 +43,13 @@ class Metrics:
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.load_time.labels(model).set(seconds)
+
+    def chat_first_token(self, model: str, seconds: float) -> None:
+        self.first_token.labels(model).observe(seconds)
+
+    def chat_tokens(self, model: str, prompt: int, completion: int) -> None:
+        self.tokens.labels(model, "prompt").inc(prompt)
+        self.tokens.labels(model, "completion").inc(completion)
 
     def cache_rows(self, catalog) -> None:
         for name, student in catalog.students.items():

@@ -18,11 +18,15 @@ from mixllm.errors import DataError
 from mixllm.features import FeatureLayout
 from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
 from serving.catalog import Catalog, StudentItems
+from serving.chat import ChatService
 from serving.services import EventService, RankingService, ServedModel
 from serving.settings import Settings
 from serving.store import Store, seed_from_dataset
 
 log = logging.getLogger(__name__)
+
+DEFAULT_QA_NAME = "scenes-qa"
+"""The id of the repository's image QA model (checkpoints/scenes_qa) when it is served by default."""
 
 
 @dataclass
@@ -36,6 +40,14 @@ class Runtime:
     ranking: RankingService
     events: EventService
     device: torch.device
+    chat: ChatService | None = None
+    """/v1/chat/completions over the image QA model; None when none is served (``chat_unavailable`` says why)."""
+    chat_unavailable: str = ""
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every served model: the rankers, then the image QA model."""
+        return list(self.models) + ([self.chat.name] if self.chat is not None else [])
 
 
 def serving_device(setting: str) -> torch.device:
@@ -57,6 +69,45 @@ def load_ranker(path: Path, item_texts: list[str], device: torch.device) -> MixL
     ranker = MixLLMRanker.from_pretrained(path, ItemCatalog(texts=list(item_texts)), dtype=dtype)
     merge_lora(ranker.model.language_model)
     return ranker.to(device).eval()
+
+
+def qa_checkpoint(settings: Settings) -> tuple[str, Path] | None:
+    """(name, directory) of the image QA model to serve (:attr:`Settings.qa_model`), None for none; a
+    directory that was asked for and does not exist is a DataError."""
+    from mixllm.qa import DEFAULT_QA_CHECKPOINT
+
+    if settings.qa_model is None:
+        return (DEFAULT_QA_NAME, DEFAULT_QA_CHECKPOINT) if DEFAULT_QA_CHECKPOINT.is_dir() else None
+    if settings.qa_model == "":
+        return None
+    name, sep, path = settings.qa_model.partition("=")
+    if not sep:
+        name, path = Path(settings.qa_model).name, settings.qa_model
+    if not name or name in settings.models:
+        raise DataError(f"--qa-model {settings.qa_model}: the model needs a name of its own (NAME=DIR), not a ranker's")
+    if not Path(path).is_dir():
+        raise DataError(f"--qa-model {settings.qa_model}: no such checkpoint directory")
+    return name, Path(path)
+
+
+def load_chat(settings: Settings, device: torch.device) -> tuple[ChatService | None, str]:
+    """The chat service over the image QA model, or None and the reason (a 503's message)."""
+    from mixllm.qa import DEFAULT_QA_CHECKPOINT, QAModel
+
+    spec = qa_checkpoint(settings)
+    if spec is None:
+        if settings.qa_model == "":
+            return None, "this service runs without an image QA model (--qa-model '')"
+        reason = (f"no image QA model is loaded: {DEFAULT_QA_CHECKPOINT} does not exist (train it with `make caption`) "
+                  "and no --qa-model / MIXLLM_QA_MODEL was given")
+        log.warning("%s; /v1/chat/completions answers 503", reason)
+        return None, reason
+    name, path = spec
+    start = time.perf_counter()
+    chat = ChatService(settings, QAModel.load(path, device, max_images=settings.max_images), name)
+    chat.load_seconds = time.perf_counter() - start
+    log.info("loaded %s (image QA) from %s in %.1f s", name, path, chat.load_seconds)
+    return chat, ""
 
 
 def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
@@ -114,7 +165,9 @@ def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
     log.info("catalog: %d items (%d live), caches ready in %.1f s", len(catalog.item_ids), int(catalog.live.sum()),
              time.perf_counter() - start)
     ranking = RankingService(settings, catalog, models)
-    runtime = Runtime(settings, store, catalog, models, ranking, EventService(settings, catalog), device)
+    chat, chat_unavailable = load_chat(settings, device)
+    runtime = Runtime(settings, store, catalog, models, ranking, EventService(settings, catalog), device, chat,
+                      chat_unavailable)
     if settings.warmup:
         warm_up(runtime)
     return runtime
@@ -122,6 +175,15 @@ def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
 
 def warm_up(runtime: Runtime) -> None:
     """One small request per model, so the first client does not pay for lazy initialisation."""
+    if runtime.chat is not None:
+        from PIL import Image
+
+        from mixllm.generation import GenerationSettings
+        from mixllm.qa import user_message
+
+        qa = runtime.chat.qa
+        list(qa.complete([user_message("What is in the image?")], [Image.new("RGB", (224, 224), (127, 127, 127))],
+                         GenerationSettings(max_new_tokens=1)))
     live = [row for row in range(len(runtime.catalog.item_ids)) if runtime.catalog.live[row]][:12]
     if len(live) < 3:
         return

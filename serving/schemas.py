@@ -148,6 +148,7 @@ class EventsOut(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
-    kind: str
-    max_history: int
-    default: bool
+    kind: str = Field(description='"student" or "teacher" (rankers), "image-qa" (/v1/chat/completions)')
+    max_history: int | None = Field(None, description="rankers: the history items read")
+    max_images: int | None = Field(None, description="image-qa: images per request")
+    default: bool = Field(description="the rankers' default model")

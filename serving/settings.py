@@ -7,11 +7,13 @@ e.g. ``MIXLLM_MAX_BATCH_SIZE=16``) > the default below. ``mixllm serve --help`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mixllm.errors import MixLLMError
+from mixllm.image_input import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,12 +74,31 @@ class Settings:
     """When set, every route but /health and /ready needs ``Authorization: Bearer <key>``."""
     warmup: bool = True
     """Run one request per model before /ready says ready."""
+    qa_model: str | None = None
+    """The image QA model of /v1/chat/completions, ``[NAME=]DIR`` (a mixllm or llava-hf checkpoint; a missing
+    DIR fails start-up). Unset: checkpoints/scenes_qa as "scenes-qa" if it exists (else a warning, and the
+    route answers 503); "" serves none."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """Largest image a chat request may carry, in bytes (413 beyond); the chat route accepts bodies of
+    max_body_bytes plus max_images base64 images of this size."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Largest image, in pixels (width x height, read before decoding; 413 beyond)."""
+    max_images: int = 1
+    """Most images per chat request (each becomes the model's image tokens in the prompt)."""
+    allow_remote_images: bool = False
+    """Fetch http(s) image URLs (with the same limits); off: only data URLs (a remote URL is refused, 400),
+    so the service never makes requests a client chose."""
+    remote_image_timeout_s: float = 10.0
+    """Timeout of fetching one remote image (allow_remote_images)."""
+    max_tokens_limit: int = 512
+    """Most tokens a chat request may ask for (max_tokens; 422 beyond); without max_tokens, 256 or this if less."""
 
     def __post_init__(self) -> None:
         if isinstance(self.checkpoint, str):
             self.checkpoint = self.checkpoint.split(",")
         for name in ("port", "max_batch_size", "max_queue", "max_candidates", "max_recommend", "retrieve",
-                     "max_body_bytes", "max_events"):
+                     "max_body_bytes", "max_events", "max_image_bytes", "max_image_pixels", "max_images",
+                     "max_tokens_limit"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SettingsError(f"{_flag(name)}: must be an integer >= 1, got {value!r}")
@@ -89,6 +110,10 @@ class Settings:
             raise SettingsError(f"--device: must be auto, cpu or cuda, got {self.device!r}")
         if not self.checkpoint:
             raise SettingsError("--checkpoint: give at least one ranker checkpoint")
+        if self.max_tokens_limit > 4096:
+            raise SettingsError(f"{_flag('max_tokens_limit')}: must be at most 4096, got {self.max_tokens_limit!r}")
+        if not self.remote_image_timeout_s > 0:
+            raise SettingsError(f"{_flag('remote_image_timeout_s')}: must be > 0, got {self.remote_image_timeout_s!r}")
 
     @property
     def models(self) -> dict[str, Path]:
@@ -102,6 +127,11 @@ class Settings:
                 raise SettingsError(f"--checkpoint: model names must be unique and non-empty, got {spec!r}")
             out[name] = Path(path)
         return out
+
+    @property
+    def max_chat_body_bytes(self) -> int:
+        """The chat route's body limit: max_body_bytes plus max_images base64-encoded images of max_image_bytes."""
+        return self.max_body_bytes + self.max_images * 4 * math.ceil(self.max_image_bytes / 3)
 
     @property
     def token_cache_dir(self) -> Path:

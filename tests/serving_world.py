@@ -54,17 +54,17 @@ class World:
         from serving.settings import Settings
 
         values = dict(checkpoint=[f"student={self.student}", f"teacher={self.teacher}"], sasrec=str(self.sasrec),
-                      dataset=str(self.data), store=str(store), device="cpu", threads=1, warmup=False)
+                      dataset=str(self.data), store=str(store), device="cpu", threads=1, warmup=False, qa_model="")
         values.update(changes)
         return Settings(**values)
 
     def serve_args(self, store: Path, port: int) -> list[str]:
         """``mixllm serve`` flags for a server over this world (student only: faster to start)."""
         return ["--checkpoint", f"student={self.student}", "--sasrec", str(self.sasrec), "--dataset", str(self.data),
-                "--store", str(store), "--port", str(port), "--device", "cpu", "--threads", "1"]
+                "--store", str(store), "--port", str(port), "--device", "cpu", "--threads", "1", "--qa-model", ""]
 
 
-def _tiny_base_model(seed: int):
+def _tiny_base_model(seed: int, **overrides):
     """A 2-layer, 32-wide random Llama over the SmolLM2 tokenizer, as
     ``training.rankers.make_tiny_base_model`` builds it; not imported from there because
     ``training.rankers`` imports Lightning (~10 s on this machine, more than the whole world)."""
@@ -77,6 +77,7 @@ def _tiny_base_model(seed: int):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **overrides,
     )  # fmt: skip
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval(), tokenizer
@@ -102,6 +103,30 @@ def _save_tiny_ranker(path: Path, mode: str, features: torch.Tensor | None, text
     provenance = {"role": mode, "recipe": recipe}
     ranker.save_pretrained(path, provenance=provenance)
     (path / "training_run.json").write_text(json.dumps(provenance))
+
+
+def build_tiny_qa(path: Path, seed: int = 2) -> Path:
+    """A tiny image QA checkpoint laid out as training writes one: the tiny random Llama over the SmolLM2
+    tokenizer (its real chat template) in ``path/base_model``, EfficientNet-Lite0 with its packaged weights
+    (49 image tokens), a random projector and random LoRA adapters (rank 2, so merging them matters). The
+    language model's weights are drawn wider than usual (std 0.5) so that its greedy answers vary with the
+    image and the question, instead of repeating one token."""
+    from mixllm.config import ImageConfig, MixLLMConfig
+    from mixllm.loading import build
+    from mixllm.lora import LoRAConfig, LoRALinear
+
+    language_model, tokenizer = _tiny_base_model(seed, initializer_range=0.5)
+    base = path / "base_model"
+    language_model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = MixLLMConfig(language_model=str(base.resolve()), image=ImageConfig(), lora=LoRAConfig(rank=2, alpha=4.0))
+    model, _ = build(config, language_model=language_model, tokenizer=tokenizer)
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_B, std=0.05)
+    model.save_pretrained(path)
+    return path
 
 
 def build_world(root: Path) -> World:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving.bench import (
-    MARK_BEGIN, MARK_END, RANK, RECOMMEND, bare_figures, bare_workload, check_targets, halves, batch_mean,
+    CHAT, MARK_BEGIN, MARK_END, RANK, RECOMMEND, bare_figures, bare_workload, check_targets, halves, batch_mean,
     percentile, plan_levels, render_markdown, summarize, update_section,
 )  # fmt: skip
 from serving.metrics import Metrics
@@ -135,3 +135,14 @@ def test_markdown_table_and_section_update():
     assert "Intro." in updated and "## Training\n\nKept." in updated
     assert updated.count(MARK_BEGIN) == 1 and "999.0" in updated and "| 120.0 |" not in updated
     assert update_section("# Notes\n", section) == "# Notes\n\n" + section  # no markers yet: appended
+
+
+def test_markdown_has_the_chat_row_when_an_image_model_was_measured():
+    report = _report()
+    report["targets"] = check_targets(report)
+    assert CHAT not in render_markdown(report)  # no image QA model: no row (the run's note says why)
+    report["chat"] = {"model": "scenes-qa", "endpoint": CHAT, "n": 8, "errors": {}, "max_tokens": 32,
+                      "image": "224x224 PNG", "prompt_tokens": 70, "ttft_p50_ms": 85.25, "decode_tokens_per_s_p50": 41.5,
+                      "completion_tokens_mean": 6.5}
+    section = render_markdown(report)
+    assert "| scenes-qa | 8 | 85.2 | 41.5 | 6.5 | 0 |" in section and "70 prompt tokens" in section

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,20 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from mixllm.config import ItemConfig, MixLLMConfig
 from mixllm.data import PAD, PROTOCOLS, InteractionDataset, LeaveOneOutSplit, get_candidates, leave_one_out, load_dataset
-from mixllm.errors import DataError, MixLLMError
+from mixllm.errors import DataError
 from mixllm.features import item_feature_table, load_sasrec, parse_feature_spec, sasrec_checkpoint_dir
 from mixllm.lora import LoRAConfig, is_lora_key
 from mixllm.metrics import ranking_metrics
 from mixllm.provenance import atomic_write, atomic_write_text, git_revision
 from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingInputs, RankingRequest
+from training.recipe import CONFIG_DIR, RecipeError, parse_overrides, read_recipe
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_BASE_MODEL = "tiny-random-llama"
 """``base_model`` value meaning: a 2-layer, 32-wide random Llama (seeded) with the SmolLM2 tokenizer,
 built in memory. Its weights are written next to the ranker checkpoint (``ranker/base_model``) so
@@ -62,14 +61,6 @@ LISTS_VERSION = 1
 ROLES = ("teacher", "student")
 FINE_TUNING = ("frozen", "lora", "full")
 RUN_INFO_NAME = "training_run.json"
-
-
-class RecipeError(MixLLMError, ValueError):
-    """A recipe field is invalid; the message starts with the field name."""
-
-    def __init__(self, field: str, problem: str):
-        self.field = field
-        super().__init__(f"{field}: {problem}")
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -229,20 +220,7 @@ class RankerRecipe:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RankerRecipe:
         """Read a recipe (a bare file name is looked up in ``training/configs``); ``overrides`` win."""
-        path = Path(path)
-        if not path.is_file() and (CONFIG_DIR / path).is_file():
-            path = CONFIG_DIR / path
-        if not path.is_file():
-            raise RecipeError("config", f"{path} not found (recipes: {', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
-        raw = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise RecipeError(unknown[0], f"unknown key in {path} or the overrides (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**raw)
-        except TypeError as error:  # a value of the wrong type, e.g. a string where a number belongs
-            raise RecipeError("config", f"{path}: {error}") from None
+        return read_recipe(cls, path, overrides)
 
     def replace(self, **changes: Any) -> RankerRecipe:
         return dataclasses.replace(self, **changes)
@@ -690,26 +668,6 @@ def save_ranker(ranker: MixLLMRanker, path: Path, provenance: dict[str, Any]) ->
     ranker.save_pretrained(path, provenance=provenance)
     atomic_write_text(path / RUN_INFO_NAME, json.dumps({"git_revision": git_revision(), **provenance}, indent=2, default=str))
     return path
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["field=value", ...]`` -> ``{field: yaml value}`` (``lr=1e-4`` is a float, ``x=null`` None)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError("--set", f"expected FIELD=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-                try:
-                    value = float(value) if any(c in value for c in ".eE") else value
-                except ValueError:
-                    pass
-            out[key] = value
-        except yaml.YAMLError:
-            raise RecipeError(key, f"cannot read {raw!r} as a value") from None
-    return out
 
 
 def cli_train(args) -> int:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixllm.config import ImageConfig
@@ -35,6 +38,14 @@ class ImageEncoder(nn.Module):
             self.strategy = config.vision_feature_select_strategy or ("default" if has_cls else "full")
             patches = (vcfg.image_size // vcfg.patch_size) ** 2
             self.num_tokens = patches + (1 if has_cls and self.strategy == "full" else 0)
+        self.tower_tokens = self.num_tokens
+        if config.pooled_grid is not None:
+            side = math.isqrt(self.tower_tokens)
+            if side * side != self.tower_tokens:
+                raise ValueError(f"image.pooled_grid needs a square grid of tokens, the tower gives {self.tower_tokens}")
+            if config.pooled_grid > side:
+                raise ValueError(f"image.pooled_grid {config.pooled_grid} is larger than the tower's {side}x{side} grid")
+            self.num_tokens = config.pooled_grid**2
         if config.freeze_encoder:
             self.tower.requires_grad_(False)
             self.tower.eval()
@@ -47,6 +58,21 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (N, 3, H, W) -> (N, num_tokens, output_dim)."""
+        return self.pool(self.tower_features(pixel_values))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, tower_tokens, D) tower features -> (N, num_tokens, D): the ``pooled_grid`` average pooling
+        (identity without it). Training on cached tower features calls this, then the projector."""
+        grid = self.config.pooled_grid
+        if grid is None:
+            return features
+        n, tokens, dim = features.shape
+        side = math.isqrt(tokens)
+        square = features.transpose(1, 2).reshape(n, dim, side, side)  # row-major grid, as flattened
+        return F.adaptive_avg_pool2d(square, grid).flatten(2).transpose(1, 2)  # (N, grid*grid, D)
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (N, 3, H, W) -> (N, tower_tokens, output_dim), before any pooling."""
         dtype = next(self.tower.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
