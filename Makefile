@@ -63,6 +63,10 @@ caption: setup
 	rm -rf checkpoints/scenes_qa
 	mkdir -p checkpoints
 	cp -r runs/caption_stage2/model checkpoints/scenes_qa
+	mkdir -p checkpoints/scenes_qa/logs
+	cp runs/caption_stage1/model/training_run.json checkpoints/scenes_qa/logs/stage1_training_run.json
+	cp runs/caption_stage1/logs/version_0/metrics.csv checkpoints/scenes_qa/logs/stage1_metrics.csv
+	cp runs/caption_stage2/logs/version_0/metrics.csv checkpoints/scenes_qa/logs/stage2_metrics.csv
 	$(MAKE) caption-eval
 
 caption-eval: setup

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cap = ev_cmds.add_parser("caption", help="image QA on held-out scenes: accuracy per question type beside the "
                              "majority answer, the image zeroed and the untrained projector; the caption loss")
-    cap.add_argument("--model", default="checkpoints/scenes_qa", help="mixllm checkpoint with an image modality")
+    cap.add_argument("--model", default=None, help="mixllm checkpoint with an image modality (default: the "
+                     "repository's checkpoints/scenes_qa)")
     cap.add_argument("--scenes", default=None, help="scenes folder (default: the one --config's recipe writes)")
     cap.add_argument("--config", default="caption_stage2.yaml", help="recipe whose scenes are evaluated")
     cap.add_argument("--max-scenes", type=int, default=200, help="test scenes (each asks all its questions)")

@@ -7,7 +7,9 @@ ready-to-paste ``curl`` lines:
 1. recommendations for MovieLens user 1, with movie titles;
 2. a rerank of given candidates for the same user (``/v1/rank``);
 3. a new movie added (``PUT /v1/items``), a new user who watched four animated films
-   (``POST /v1/events``), and that user's recommendations, where the new movie can now appear.
+   (``POST /v1/events``), and that user's recommendations, where the new movie can now appear;
+4. image question answering (``/v1/chat/completions``, OpenAI-compatible) on a held-out generated
+   scene, beside the scene's true answers.
 
 Then it keeps serving until interrupted (Ctrl-C); with ``DEMO_ONESHOT=1`` it stops after the
 examples (for scripts).
@@ -87,6 +89,35 @@ def run_examples(base: str, api_key: str | None = None) -> None:
               "Saw (2004), Horror|Thriller", "Shrek (2001), Animation|Comedy"], "return_documents": True})
 
 
+def run_chat_example(base: str, api_key: str | None = None) -> None:
+    """Questions about one held-out test scene (the model never saw it) to ``/v1/chat/completions``."""
+    import base64
+    import io
+
+    from mixllm.data.scenes import derived_rng, generate_split, questions, render_scene
+
+    scene = generate_split("test", 1, seed=0)[0]
+    buffer = io.BytesIO()
+    render_scene(scene).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    shapes = ", ".join(f"{s.colour} {s.shape} ({s.position})" for s in scene.shapes)
+    print(f"\n=== Image question answering (POST /v1/chat/completions) on a held-out scene: {shapes}")
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
+        for qa in questions(scene, derived_rng(0, "demo")):
+            body = {"model": "scenes-qa", "max_tokens": 8, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": qa.question}]}]}
+            response = client.post("/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                print(f"  [{response.status_code}] {json.dumps(response.json())[:300]}")
+                return
+            answer = response.json()["choices"][0]["message"]["content"]
+            print(f"  {qa.question:<50} -> {answer!r:<10} (true: {qa.answer})")
+    short = dict(body, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+                                                              {"type": "text", "text": body["messages"][0]["content"][1]["text"]}]}])
+    print(f"  $ {_curl(base, 'POST', '/v1/chat/completions', short, api_key)}")
+
+
 def cli_demo(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo prints its own lines
     settings = Settings.from_env(port=args.port)
@@ -97,6 +128,7 @@ def cli_demo(args: argparse.Namespace) -> int:
             ready = wait_ready(base, process, timeout_s=900, on_state=lambda state: print(f"waiting for /ready: {state}", flush=True))
             print(f"ready: {ready}", flush=True)
             run_examples(base, settings.api_key)
+            run_chat_example(base, settings.api_key)
             if os.environ.get("DEMO_ONESHOT", "") not in ("", "0"):
                 return 0
             print(f"\nserving on {base} (OpenAPI docs at {base}/docs); Ctrl-C to stop", flush=True)

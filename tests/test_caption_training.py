@@ -243,15 +243,16 @@ def test_stage1_steps_change_only_the_projector(scenes, tiny_lm, tmp_path):
 def test_stage2_overfits_32_samples(scenes, tmp_path):
     """The whole (64-wide) tiny LLM and the projector fine-tuned on the 32 training conversations: the answer
     loss on those same conversations falls from ln(vocab) ~ 10.8 to near zero and greedy answers reproduce
-    them (the 32-wide twin cannot: measured, it stalls near 2.3)."""
+    them (the 32-wide twin cannot: measured, it stalls near 2.3). The 7x7 grid is pooled to 2x2 to keep the
+    test fast; the first-turn answers still differ per image."""
     lm = _save_tiny_lm(tmp_path / "lm64", hidden=64)
-    recipe = _recipe(lm, scenes, tmp_path, stage=2, model={"language_model": str(lm), "image": {},
+    recipe = _recipe(lm, scenes, tmp_path, stage=2, model={"language_model": str(lm), "image": {"pooled_grid": 2},
                      "freeze_language_model": False}, train_data=str(scenes / "train_qa.json"),
-                     val_data=str(scenes / "train_qa.json"), limit_val=32, max_steps=200, max_epochs=1000, batch_size=8,
-                     lr=4e-3, lm_lr=4e-3, val_every_n_steps=1000, warmup_ratio=0.0)  # fmt: skip
+                     val_data=str(scenes / "train_qa.json"), limit_val=32, max_steps=300, max_epochs=1000, batch_size=8,
+                     lr=5e-3, lm_lr=5e-3, val_every_n_steps=1000, warmup_ratio=0.0)  # fmt: skip
     run = train_caption(recipe)
-    assert run.metrics["val/loss"] < 0.25, run.metrics
-    model, processor = run.model, _tiny(lm)[1]
+    assert run.metrics["val/loss"] < 0.5, run.metrics  # from ln(49,152) ~ 10.8 at the start
+    model, processor = run.model, _tiny(lm, pooled_grid=2)[1]
     convs, _ = _data(scenes, processor)
     features = cached_vision_features(model.encoders["image"], processor.image_processor, [c.image for c in convs],
                                       tmp_path / "vf", progress=False)  # fmt: skip
@@ -291,3 +292,39 @@ def test_over_long_conversations_are_dropped_not_truncated(scenes, tiny_lm, tmp_
     full, _ = load_llava_conversations(scenes / "train_qa.json")
     by_id = {c.id: c for c in full}
     assert all(c.turns == by_id[c.id].turns for c in kept)  # kept ones are whole
+
+
+@pytest.mark.integration
+def test_tiny_twin_recipes_run_both_stages_resume_and_evaluate_through_the_cli(tmp_path):
+    """caption_stage{1,2}_tiny.yaml: SmolLM2-135M + EfficientNet-Lite0 on 16 generated scenes, 2 steps each,
+    through `mixllm train caption`; stage 1 resumes from its Lightning checkpoint; `mixllm eval caption`
+    scores stage 2's checkpoint."""
+    import json
+
+    from mixllm.cli import main
+    from safetensors.torch import load_file
+
+    common = [f"scenes_dir={tmp_path / 'scenes'}", f"feature_cache={tmp_path / 'vf'}", "progress_bar=false"]
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    assert main(["train", "caption", "--config", "caption_stage1_tiny.yaml", "--set", f"output_dir={s1}", *common]) == 0
+    stage1 = load_file(str(s1 / "model" / "mixllm_weights.safetensors"))
+    assert stage1 and all(k.startswith("projectors.image.") for k in stage1)
+    assert main(["train", "caption", "--config", "caption_stage1_tiny.yaml", "--resume", str(s1 / "checkpoints" / "last.ckpt"),
+                 "--set", f"output_dir={tmp_path / 's1b'}", "max_steps=3", *common]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "s1b" / "model" / "training_run.json").read_text())["global_step"] == 3
+    assert main(["train", "caption", "--config", "caption_stage2_tiny.yaml", "--set", f"output_dir={s2}",
+                 f"init_from={s1 / 'model'}", *common]) == 0  # fmt: skip
+    stage2 = load_file(str(s2 / "model" / "mixllm_weights.safetensors"))
+    assert any("lora_" in k for k in stage2) and set(stage1) <= set(stage2)
+    assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1)  # stage 2 trains the projector further
+    run = json.loads((s2 / "model" / "training_run.json").read_text())
+    assert run["stage"] == 2 and run["precision"] == "32-true" and run["data"]["train_used"] == 16
+    report = tmp_path / "scenes_qa.json"
+    assert main(["eval", "caption", "--model", str(s2 / "model"), "--scenes", str(tmp_path / "scenes"), "--max-scenes", "4",
+                 "--output", str(report), "--no-progress"]) == 0  # fmt: skip
+    result = json.loads(report.read_text())
+    assert set(result["types"]) <= {"colour", "shape", "count", "position", "yesno"} and len(result["types"]) >= 4
+    for row in result["types"].values():
+        for name in ("model", "majority", "image_zeroed", "zero_shot"):
+            assert 0.0 <= row[name] <= 1.0
+    assert math.isfinite(result["caption_loss"]["model"]) and (tmp_path / "scenes_qa.md").is_file()

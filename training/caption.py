@@ -36,7 +36,7 @@ from mixllm.conversation import IGNORE_INDEX, SYSTEM_PROMPT, encode_conversation
 from mixllm.data.llava import Conversation, SkipReport, load_llava_conversations
 from mixllm.modeling import WEIGHTS_NAME, MixLLMForCausalLM, positions_from_mask
 from mixllm.provenance import atomic_write_text, git_revision, machine_info
-from training.recipe import RecipeError, parse_overrides, read_recipe
+from training.recipe import RecipeError, keep_trainable_only, parse_overrides, read_recipe, start_run
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,7 @@ class CaptionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_only(self, checkpoint)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -350,11 +349,7 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
     from mixllm.assets import mixllm_home
     from training.vision_cache import cached_vision_features
 
-    if recipe.num_threads is not None:
-        torch.set_num_threads(recipe.num_threads)
-    if resume is not None and not Path(resume).is_file():
-        raise RecipeError("resume", f"{resume} is not a Lightning checkpoint file")
-    L.seed_everything(recipe.seed, verbose=False)
+    start_run(recipe.num_threads, recipe.seed, resume)
     output_dir = Path(recipe.output_dir)
     model, processor = build_model(recipe)
     encoder = ConversationEncoder(processor.tokenizer, processor.num_tokens["image"], processor.token_ids["image"])

@@ -33,9 +33,6 @@ from mixllm.provenance import atomic_write_text, git_revision, machine_info
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "checkpoints" / "scenes_qa"
-
 
 def normalize(answer: str) -> str:
     return re.sub(r"[\s.!?,;:]+$", "", answer.strip().lower()).strip()
@@ -159,6 +156,8 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
                                       "zero_shot": caption_loss(twin, processor, captions, cap_feats, batch_size)},
         "answer_seconds_per_question": answer_time / len(questions),
         "examples": [{**q, "predicted": a} for q, a in list(zip(questions, answers))[:20]],
+        "failures": [{**q, "predicted": a, "image": str(test[q["row"]].image)} for q, a in zip(questions, answers)
+                     if normalize(a) != normalize(q["answer"])][:40],
         "training_run": _training_record(model_dir), "machine": machine_info(), "git_revision": git_revision(),
     }  # fmt: skip
     by_condition = {name: accuracy_by_type(questions, ans) for name, ans in conditions.items()}
@@ -212,7 +211,9 @@ def markdown(result: dict) -> str:
 
 
 def cli_eval_caption(args) -> int:
-    model_dir = Path(args.model)
+    from mixllm.qa import DEFAULT_QA_CHECKPOINT
+
+    model_dir = Path(args.model) if args.model else DEFAULT_QA_CHECKPOINT
     if not (model_dir / "mixllm_config.json").is_file():
         raise MixLLMError(f"--model: {model_dir} is not a mixllm checkpoint (train one: make caption)")
     if args.threads:

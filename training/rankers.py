@@ -47,7 +47,7 @@ from mixllm.lora import LoRAConfig, is_lora_key
 from mixllm.metrics import ranking_metrics
 from mixllm.provenance import atomic_write, atomic_write_text, git_revision
 from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingInputs, RankingRequest
-from training.recipe import CONFIG_DIR, RecipeError, parse_overrides, read_recipe
+from training.recipe import CONFIG_DIR, RecipeError, keep_trainable_only, parse_overrides, read_recipe, start_run
 
 log = logging.getLogger(__name__)
 
@@ -579,8 +579,7 @@ class RankerModule(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.recipe.lr, weight_decay=self.recipe.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_only(self, checkpoint)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -604,11 +603,7 @@ def train_ranker(recipe: RankerRecipe, resume: str | Path | None = None) -> Trai
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    if recipe.num_threads is not None:
-        torch.set_num_threads(recipe.num_threads)
-    if resume is not None and not Path(resume).is_file():
-        raise RecipeError("resume", f"{resume} is not a Lightning checkpoint file")
-    L.seed_everything(recipe.seed, verbose=False)
+    start_run(recipe.num_threads, recipe.seed, resume)
     output_dir = Path(recipe.output_dir)
     dataset = load_recipe_dataset(recipe)
     split = leave_one_out(dataset)

@@ -82,3 +82,22 @@ def read_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None):
         return cls(**raw)
     except TypeError as error:  # a value of the wrong type, e.g. a string where a number belongs
         raise RecipeError("config", f"{path}: {error}") from None
+
+
+def start_run(num_threads: int | None, seed: int, resume: str | Path | None) -> None:
+    """What every training run does first: torch's CPU threads, a ``--resume`` file that exists, the seeds."""
+    import lightning as L
+    import torch
+
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    if resume is not None and not Path(resume).is_file():
+        raise RecipeError("resume", f"{resume} is not a Lightning checkpoint file")
+    L.seed_everything(seed, verbose=False)
+
+
+def keep_trainable_only(module, checkpoint: dict) -> None:
+    """A LightningModule's ``on_save_checkpoint``: keep the parameters that train; the frozen base LLM and
+    vision tower are referenced by the model's config, not copied into every ``.ckpt``."""
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

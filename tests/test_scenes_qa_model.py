@@ -1,0 +1,62 @@
+"""The committed image QA default (checkpoints/scenes_qa) on held-out scenes: its answers come from the image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixllm.qa import DEFAULT_QA_CHECKPOINT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """24 test scenes (5 questions each) and the training split's majority answer per question type."""
+    from mixllm.data.llava import load_llava_conversations
+    from mixllm.data.scenes import write_scenes
+    from training.caption_eval import majority_answers, single_questions
+
+    root = tmp_path_factory.mktemp("scenes")
+    write_scenes(root, counts={"train": 400, "test": 24}, seed=0, progress=False)
+    test, _ = load_llava_conversations(root / "test_qa.json")
+    return test, single_questions(test, "<image>"), majority_answers(root / "train_qa.json", "<image>"), root
+
+
+def test_zeroing_the_image_features_brings_accuracy_down_to_the_majority_baseline(held_out, tmp_path):
+    """With the image the default answers most held-out questions; with the vision features replaced by zeros
+    (same prompts, same model) it is no better than always giving each type's majority answer."""
+    from mixllm.loading import from_pretrained
+    from mixllm.lora import merge_lora
+    from training.caption_eval import batch_answers, normalize
+    from training.vision_cache import cached_vision_features
+
+    conversations, questions, majority, _ = held_out
+    model, processor = from_pretrained(DEFAULT_QA_CHECKPOINT)
+    merge_lora(model.language_model)
+    feats = cached_vision_features(model.encoders["image"], processor.image_processor, [c.image for c in conversations],
+                                   tmp_path, progress=False).float()  # fmt: skip
+
+    def accuracy(zero: bool) -> float:
+        hits = 0
+        for start in range(0, len(questions), 24):
+            chunk = questions[start : start + 24]
+            rows = feats[torch.tensor([q["row"] for q in chunk])]
+            answers = batch_answers(model, processor, [q["question"] for q in chunk],
+                                    vision_features=torch.zeros_like(rows) if zero else rows)  # fmt: skip
+            hits += sum(normalize(a) == normalize(q["answer"]) for q, a in zip(chunk, answers))
+        return hits / len(questions)
+
+    baseline = sum(normalize(q["answer"]) == majority[q["type"]] for q in questions) / len(questions)
+    with_image, zeroed = accuracy(zero=False), accuracy(zero=True)
+    assert with_image >= baseline + 0.3, (with_image, baseline)
+    assert zeroed <= baseline + 0.1, (zeroed, baseline)
+
+
+def test_the_default_is_small_and_names_its_training(held_out):
+    import json
+
+    files = [p for p in DEFAULT_QA_CHECKPOINT.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    run = json.loads((DEFAULT_QA_CHECKPOINT / "training_run.json").read_text())
+    assert run["stage"] == 2 and run["recipe"]["init_from"] and run["global_step"] == run["recipe"]["max_steps"]
