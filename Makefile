@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations caption caption-eval clean
+.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations caption caption-eval caption-pooled clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ caption: setup
 
 caption-eval: setup
 	$(VENV)/bin/mixllm eval caption --model checkpoints/scenes_qa --speed
+
+# The pooling ablation: stage 2 as above from the same stage-1 projector, the 7x7 grid pooled to 4x4
+# (16 image tokens) -> reports/scenes_qa_pool4.{json,md} (not committed as a checkpoint). Needs runs/caption_stage1.
+caption-pooled: setup
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml --set model.image.pooled_grid=4 output_dir=runs/caption_stage2_pool4
+	$(VENV)/bin/mixllm eval caption --model runs/caption_stage2_pool4/model --speed --output reports/scenes_qa_pool4.json
 
 # Item-feature ablations of the distilled student (same stored teacher scores) and the labels-only
 # twin of the MiniLM-only one, scored on sampled-20 -> reports/ml100k_ablations.{json,md}.
