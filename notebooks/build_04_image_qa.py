@@ -257,9 +257,10 @@ above, which shows what the model says with nothing to look at."""),
     new_markdown_cell("""## Without the image
 
 The same questions with the vision features replaced by zeros (the projector still runs, so the 49 image
-tokens are the projection of an all-zero grid): what the model says when it cannot see. The answers
-collapse to a few fixed guesses per question type; the ones that stay right were guessable from the
-question alone (a fixed "yes" or "no" is right about half the time)."""),
+tokens are the projection of an all-zero grid): what the model says when it cannot see. Most types
+fall back to one answer (a colour, a count, "yes" or "no"); shape questions may scatter, some answers
+not even shapes. The answers that stay right were guessable from the question alone (a fixed "yes" or
+"no" is right about half the time)."""),
     new_code_cell("""zeroed = batch_answers(qa.model, qa.processor, [q.question for _, q in rows],
                        vision_features=torch.zeros_like(features[row_index]))
 results["image zeroed"] = zeroed
