@@ -280,10 +280,15 @@ def test_recipe_errors_name_the_field(tiny_lm, scenes, tmp_path):
 
 
 def test_over_long_conversations_are_dropped_not_truncated(scenes, tiny_lm, tmp_path):
-    recipe = _recipe(tiny_lm, scenes, tmp_path, stage=2, model={"language_model": str(tiny_lm), "image": {}, "lora": {"rank": 2}},
-                     train_data=str(scenes / "train_qa.json"), max_length=49 + 60)  # fmt: skip
     from training.caption import build_model, load_split
 
+    _, processor = _tiny(tiny_lm)
+    encoder = ConversationEncoder(processor.tokenizer, processor.num_tokens["image"], processor.token_ids["image"])
+    all_convs, _ = load_llava_conversations(scenes / "train_qa.json")
+    lengths = sorted(encoder.length(c) for c in all_convs)
+    assert lengths[0] < lengths[-1]
+    recipe = _recipe(tiny_lm, scenes, tmp_path, stage=2, model={"language_model": str(tiny_lm), "image": {}, "lora": {"rank": 2}},
+                     train_data=str(scenes / "train_qa.json"), max_length=lengths[len(lengths) // 2])  # fmt: skip
     _, processor = build_model(recipe)
     encoder = ConversationEncoder(processor.tokenizer, processor.num_tokens["image"], processor.token_ids["image"])
     kept, report = load_split(scenes / "train_qa.json", None, encoder, recipe)
@@ -292,6 +297,11 @@ def test_over_long_conversations_are_dropped_not_truncated(scenes, tiny_lm, tmp_
     full, _ = load_llava_conversations(scenes / "train_qa.json")
     by_id = {c.id: c for c in full}
     assert all(c.turns == by_id[c.id].turns for c in kept)  # kept ones are whole
+    # Each kept sample's tokens are its own (dropped conversations' memoised tokens never leak into them).
+    from mixllm.conversation import encode_conversation
+
+    for conv, sample in zip(kept, encoder.samples(kept)):
+        assert (sample.input_ids, sample.labels) == encode_conversation(processor.tokenizer, conv.turns)
 
 
 @pytest.mark.integration
@@ -310,7 +320,7 @@ def test_tiny_twin_recipes_run_both_stages_resume_and_evaluate_through_the_cli(t
     stage1 = load_file(str(s1 / "model" / "mixllm_weights.safetensors"))
     assert stage1 and all(k.startswith("projectors.image.") for k in stage1)
     assert main(["train", "caption", "--config", "caption_stage1_tiny.yaml", "--resume", str(s1 / "checkpoints" / "last.ckpt"),
-                 "--set", f"output_dir={tmp_path / 's1b'}", "max_steps=3", *common]) == 0  # fmt: skip
+                 "--set", f"output_dir={tmp_path / 's1b'}", "max_steps=3", "max_epochs=5", *common]) == 0  # fmt: skip
     assert json.loads((tmp_path / "s1b" / "model" / "training_run.json").read_text())["global_step"] == 3
     assert main(["train", "caption", "--config", "caption_stage2_tiny.yaml", "--set", f"output_dir={s2}",
                  f"init_from={s1 / 'model'}", *common]) == 0  # fmt: skip

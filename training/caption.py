@@ -183,13 +183,16 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer, image_tokens: int, image_token_id: int, system: str | None = SYSTEM_PROMPT):
         self.tokenizer, self.image_tokens, self.image_token_id, self.system = tokenizer, image_tokens, image_token_id, system
-        self._memo: dict[int, tuple[list[int], list[int]]] = {}
+        # id(conversation) -> (conversation, ids, labels); holding the conversation keeps its id from being
+        # reused by another object while the entry lives.
+        self._memo: dict[int, tuple[Conversation, list[int], list[int]]] = {}
 
     def encode(self, conversation: Conversation) -> tuple[list[int], list[int]]:
-        key = id(conversation)
-        if key not in self._memo:
-            self._memo[key] = encode_conversation(self.tokenizer, conversation.turns, self.system)
-        return self._memo[key]
+        entry = self._memo.get(id(conversation))
+        if entry is None or entry[0] is not conversation:
+            ids, labels = encode_conversation(self.tokenizer, conversation.turns, self.system)
+            entry = self._memo[id(conversation)] = (conversation, ids, labels)
+        return entry[1], entry[2]
 
     def length(self, conversation: Conversation) -> int:
         """Tokens after the image placeholder becomes ``image_tokens`` tokens."""
