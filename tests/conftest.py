@@ -64,6 +64,22 @@ def tiny_lm_dir(tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory):
+    """A tiny image QA checkpoint (``serving_world.build_tiny_qa``), shared by the QA and chat tests."""
+    from serving_world import build_tiny_qa
+
+    return build_tiny_qa(tmp_path_factory.mktemp("qa"))
+
+
+@pytest.fixture(scope="module")
+def qa(qa_dir):
+    """That checkpoint loaded in-process (``mixllm.qa.QAModel``)."""
+    from mixllm.qa import QAModel
+
+    return QAModel.load(qa_dir)
+
+
 def assert_greedy_decodes_agree(expected_tokens, expected_logits, got_tokens, got_logits, atol: float) -> None:
     """Two greedy decodes of the same model function agree: their per-step logits match within
     ``atol`` and they pick the same token at every step, unless that step is a near-tie.

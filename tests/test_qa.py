@@ -17,7 +17,6 @@ from mixllm.errors import InputError
 from mixllm.generation import GenerationSettings
 from mixllm.lora import LoRALinear
 from mixllm.qa import QAModel, user_message
-from serving_world import build_tiny_qa
 
 QUESTION = "What color is the cube?"
 
@@ -26,16 +25,6 @@ def picture(seed: int = 0, size=(64, 48)) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy(), "RGB")
-
-
-@pytest.fixture(scope="module")
-def qa_dir(tmp_path_factory):
-    return build_tiny_qa(tmp_path_factory.mktemp("qa"))
-
-
-@pytest.fixture(scope="module")
-def qa(qa_dir):
-    return QAModel.load(qa_dir)
 
 
 def plain_greedy(qa: QAModel, messages, images, max_new_tokens: int) -> list[int]:

@@ -24,7 +24,7 @@ from mixllm.qa import QAModel, user_message
 from serving.app import create_app
 from serving.chat import ChatService
 from serving.runtime import load_runtime, qa_checkpoint
-from serving_world import assert_client_error, build_tiny_qa, fake_encode, session_world, wait_ready
+from serving_world import assert_client_error, fake_encode, session_world, wait_ready
 
 QUESTION = "What color is the cube?"
 MAX_TOKENS_LIMIT, MAX_IMAGE_BYTES, MAX_BODY, MAX_QUEUE = 24, 200_000, 20_000, 1
@@ -55,17 +55,6 @@ def chat_body(url: str | None = None, question: str = QUESTION, **extra) -> dict
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return session_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def qa_dir(tmp_path_factory):
-    return build_tiny_qa(tmp_path_factory.mktemp("qa"))
-
-
-@pytest.fixture(scope="module")
-def qa(qa_dir):
-    """The same checkpoint loaded in-process, apart from the service."""
-    return QAModel.load(qa_dir)
 
 
 @pytest.fixture(scope="module")
