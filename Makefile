@@ -58,6 +58,7 @@ rankers: setup
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
 # held-out report reports/scenes_qa.{json,md}. About 75 min of 2-core CPU time (see the README).
 caption: setup
+	rm -rf runs/caption_stage1 runs/caption_stage2
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml
 	rm -rf checkpoints/scenes_qa

@@ -23,8 +23,11 @@ class ImageConfig:
     path: str | None = None
     """Weights: for efficientnet-lite0 a .pth file (None = the packaged asset); for "hf" a local
     directory of a CLIP/SigLIP (or any vision) model, or a llava-hf checkpoint directory."""
-    vision_feature_layer: int | list[int] = -2
-    """Hidden-state layer(s) the features come from ("hf" only); a list concatenates layers."""
+    vision_feature_layer: int | list[int] | None = None
+    """Layer(s) the features come from; a list concatenates them along the feature axis. "hf": hidden-state
+    indices (None = -2, LLaVA-1.5's penultimate layer). efficientnet-lite0: feature stages, 0-15 the MBConv
+    blocks and 16 (or -1) the 1280-channel head (None = the head); stages finer than the head's grid are
+    average-pooled to it (block 7, 80 channels at 14x14, keeps the colours the head loses)."""
     vision_feature_select_strategy: str | None = None
     """"default" drops the CLS token, "full" keeps every token; None = "full" for towers without
     a CLS token (SigLIP), else "default"."""
@@ -41,6 +44,12 @@ class ImageConfig:
     """Bias terms in the projector's linear layers."""
     token: str = "<image>"
     """Placeholder token the processor expands to one copy per feature vector."""
+
+    def feature_layers(self) -> int | list[int]:
+        """``vision_feature_layer`` with None resolved: the head (-1) for EfficientNet, -2 for "hf" towers."""
+        if self.vision_feature_layer is not None:
+            return self.vision_feature_layer
+        return -1 if self.encoder == "efficientnet-lite0" else -2
 
 
 @dataclass
@@ -122,6 +131,10 @@ class MixLLMConfig:
                 raise ValueError(f"{name}.projector {kind!r} is not one of {PROJECTOR_TYPES}")
         if self.image is not None and self.image.encoder not in ("efficientnet-lite0", "hf"):
             raise ValueError(f"image.encoder must be 'efficientnet-lite0' or 'hf', got {self.image.encoder!r}")
+        if self.image is not None:
+            layers = self.image.vision_feature_layer
+            if isinstance(layers, list) and (not layers or not all(isinstance(i, int) for i in layers)):
+                raise ValueError(f"image.vision_feature_layer must be an integer, a non-empty list of them or null, got {layers!r}")
         if self.image is not None and self.image.pooled_grid is not None and self.image.pooled_grid < 1:
             raise ValueError(f"image.pooled_grid must be >= 1 or null, got {self.image.pooled_grid}")
         if self.item is not None:

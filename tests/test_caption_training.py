@@ -338,3 +338,54 @@ def test_tiny_twin_recipes_run_both_stages_resume_and_evaluate_through_the_cli(t
         for name in ("model", "majority", "image_zeroed", "zero_shot"):
             assert 0.0 <= row[name] <= 1.0
     assert math.isfinite(result["caption_loss"]["model"]) and (tmp_path / "scenes_qa.md").is_file()
+
+
+def test_branch_positions_and_mask_on_a_hand_checked_row():
+    from training.caption import branch_attention_mask, branch_positions
+
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
+    assert branch_positions(segments).tolist() == [[0, 1, 2, 3, 2, 3, 0]]
+    allowed = branch_attention_mask(segments)[0, 0]
+    assert allowed[3].nonzero().flatten().tolist() == [0, 1, 2, 3]  # branch 1: prefix + itself, causally
+    assert allowed[4].nonzero().flatten().tolist() == [0, 1, 4]  # branch 2 never sees branch 1
+    assert allowed[5].nonzero().flatten().tolist() == [0, 1, 4, 5]
+    assert allowed[6].nonzero().flatten().tolist() == [6]  # padding sees only itself (no empty row)
+    additive = branch_attention_mask(segments, boolean=False)[0, 0]
+    assert (additive[allowed] == 0).all() and (additive[~allowed] == torch.finfo(torch.float32).min).all()
+
+
+def test_branched_questions_train_exactly_as_if_each_were_asked_alone(scenes, tiny_lm, tmp_path):
+    """One branched sample (image prefix once, each question-answer a branch) gives the loss of the same
+    questions asked one per sample, as eval and the API ask them; without the branch mask it differs."""
+    import dataclasses
+
+    from training.caption import EncodedSample
+
+    model, processor = _tiny(tiny_lm)
+    convs, plain = _data(scenes, processor)
+    convs = [c for c in convs if len(c.turns) >= 3][:3]
+    image = processor.token("image")
+    branched = ConversationEncoder(processor.tokenizer, processor.num_tokens["image"], processor.token_ids["image"],
+                                   branch=True, image_token=image)  # fmt: skip
+    features = cached_vision_features(model.encoders["image"], processor.image_processor, [c.image for c in convs],
+                                      tmp_path, progress=False)  # fmt: skip
+    samples = branched.samples(convs)
+    for sample, conv in zip(samples, convs):
+        assert sample.input_ids.count(processor.token_ids["image"]) == 1  # the image once, in the shared prefix
+        assert sample.segments[sample.input_ids.index(processor.token_ids["image"])] == 0
+        assert max(sample.segments) == len(conv.turns)
+        assert sum(label != IGNORE_INDEX for label in sample.labels) == sum(label != IGNORE_INDEX for label in plain.encode(conv)[1])
+    singles = []
+    for row, conv in enumerate(convs):
+        for k, (question, answer) in enumerate(conv.turns):
+            alone = dataclasses.replace(conv, turns=[(question if k == 0 else f"{image}\n{question}", answer)])
+            singles.append(EncodedSample(f"{conv.id}-{k}", row, *plain.encode(alone)))
+    collate = CaptionCollator(processor, features)
+    batch = collate(samples)
+    assert int((batch["input_ids"] == processor.token_ids["image"]).sum()) == len(convs) * 49
+    with torch.no_grad():
+        ours = answer_loss(model, batch)
+        alone = answer_loss(model, collate(singles))
+        unmasked = answer_loss(model, {k: v for k, v in batch.items() if k not in ("segments", "position_ids")})
+    torch.testing.assert_close(ours, alone, atol=1e-5, rtol=0)
+    assert abs(float(unmasked) - float(ours)) > 1e-3

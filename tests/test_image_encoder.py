@@ -51,3 +51,31 @@ def test_siglip_keeps_every_patch(tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="local directory"):
         ImageEncoder(ImageConfig(encoder="hf", path=str(tmp_path / "nope")))
+
+
+def test_efficientnet_feature_stages_pool_to_the_head_grid_and_concatenate():
+    import torch.nn.functional as F
+
+    from mixllm.config import MixLLMConfig
+
+    head = ImageEncoder(ImageConfig())
+    assert head.output_dim == 1280 and head.num_tokens == 49
+    both = ImageEncoder(ImageConfig(vision_feature_layer=[7, 14]), tower=head.tower)
+    assert both.output_dim == 80 + 192 and both.tower_tokens == 49
+    pixels = torch.randn(2, 3, 224, 224)
+    tower = head.tower
+    with torch.no_grad():
+        x = tower.act(tower._bn0(tower._conv_stem(pixels)))
+        outputs = []
+        for block in tower._blocks:
+            x = block(x)
+            outputs.append(x)
+        expected = torch.cat([F.avg_pool2d(outputs[7], 2), outputs[14]], 1).flatten(2).transpose(1, 2)  # 14x14 -> 7x7
+        torch.testing.assert_close(both.tower_features(pixels), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(head.tower_features(pixels), tower.forward_features(pixels).flatten(2).transpose(1, 2))
+        last = ImageEncoder(ImageConfig(vision_feature_layer=16), tower=tower).tower_features(pixels)
+        torch.testing.assert_close(last, head.tower_features(pixels))
+    with pytest.raises(ValueError, match="stages 0-16"):
+        ImageEncoder(ImageConfig(vision_feature_layer=17), tower=tower)
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        MixLLMConfig(image=ImageConfig(vision_feature_layer=[]))

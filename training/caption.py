@@ -68,6 +68,11 @@ class CaptionRecipe:
     """Where the scenes are written (default ``$MIXLLM_HOME/scenes/seed{seed}-{train}-{val}-{test}``)."""
     max_length: int = 384
     """Longest sample in tokens (image tokens included); longer samples are dropped, never truncated."""
+    branch_questions: bool = True
+    """Train each question of a conversation as if asked alone, as ``mixllm eval caption`` and the API ask it:
+    the image prefix is shared and each question-answer is a branch that sees the prefix and itself only
+    (:func:`branch_attention_mask`), at one conversation's cost. False: the turns are one multi-turn
+    conversation, where later answers can be read off earlier questions ("is the blue star left of...")."""
     strict: bool = False
     """Refuse the data on the first bad record instead of skipping bad records with a count."""
     lr: float = 1e-3
@@ -176,23 +181,57 @@ class EncodedSample:
     row: int
     input_ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None
+    """Branched samples: 0 on the shared prefix, k on the k-th question's branch; None = one sequence."""
 
 
 class ConversationEncoder:
-    """Conversations -> token ids and answer-only labels; knows the expanded length of each."""
+    """Conversations -> token ids and answer-only labels (and, branched, segments); knows the expanded
+    length of each.
 
-    def __init__(self, tokenizer, image_tokens: int, image_token_id: int, system: str | None = SYSTEM_PROMPT):
+    ``branch=True`` encodes each (question, answer) turn as its own one-question conversation (the image tag
+    opening every question, as at inference) and keeps their longest common prefix (system prompt, image)
+    once: ``prefix + branch_1 + branch_2 + ...`` with ``segments`` 0 on the prefix and k on branch k. A
+    conversation whose image tag is not in that shared prefix stays one sequence."""
+
+    def __init__(self, tokenizer, image_tokens: int, image_token_id: int, system: str | None = SYSTEM_PROMPT,
+                 branch: bool = False, image_token: str = "<image>"):  # fmt: skip
         self.tokenizer, self.image_tokens, self.image_token_id, self.system = tokenizer, image_tokens, image_token_id, system
-        # id(conversation) -> (conversation, ids, labels); holding the conversation keeps its id from being
-        # reused by another object while the entry lives.
-        self._memo: dict[int, tuple[Conversation, list[int], list[int]]] = {}
+        self.branch, self.image_token = branch, image_token
+        # id(conversation) -> (conversation, (ids, labels, segments)); holding the conversation keeps its id
+        # from being reused by another object while the entry lives.
+        self._memo: dict[int, tuple[Conversation, tuple[list[int], list[int], list[int] | None]]] = {}
 
     def encode(self, conversation: Conversation) -> tuple[list[int], list[int]]:
+        ids, labels, _ = self.encode_segments(conversation)
+        return ids, labels
+
+    def encode_segments(self, conversation: Conversation) -> tuple[list[int], list[int], list[int] | None]:
         entry = self._memo.get(id(conversation))
         if entry is None or entry[0] is not conversation:
-            ids, labels = encode_conversation(self.tokenizer, conversation.turns, self.system)
-            entry = self._memo[id(conversation)] = (conversation, ids, labels)
-        return entry[1], entry[2]
+            entry = self._memo[id(conversation)] = (conversation, self._encode(conversation))
+        return entry[1]
+
+    def _encode(self, conversation: Conversation) -> tuple[list[int], list[int], list[int] | None]:
+        turns = conversation.turns
+        if not self.branch or len(turns) < 2:
+            return (*encode_conversation(self.tokenizer, turns, self.system), None)
+        tag = f"{self.image_token}\n"
+        questions = [turns[0][0]] + [q if self.image_token in q else tag + q for q, _ in turns[1:]]
+        singles = [encode_conversation(self.tokenizer, [(q, a)], self.system) for q, (_, a) in zip(questions, turns)]
+        shared = 0  # the longest common prefix that every branch's first token (a prompt token) follows
+        limit = min(next(i for i, t in enumerate(labels) if t != IGNORE_INDEX) for _, labels in singles) - 1
+        while shared < limit and all(ids[shared] == singles[0][0][shared] for ids, _ in singles):
+            shared += 1
+        if self.image_token_id not in singles[0][0][:shared]:
+            return (*encode_conversation(self.tokenizer, turns, self.system), None)
+        ids, labels = list(singles[0][0][:shared]), [IGNORE_INDEX] * shared
+        segments = [0] * shared
+        for k, (branch_ids, branch_labels) in enumerate(singles, start=1):
+            ids += branch_ids[shared:]
+            labels += branch_labels[shared:]
+            segments += [k] * (len(branch_ids) - shared)
+        return ids, labels, segments
 
     def length(self, conversation: Conversation) -> int:
         """Tokens after the image placeholder becomes ``image_tokens`` tokens."""
@@ -202,8 +241,8 @@ class ConversationEncoder:
     def samples(self, conversations: list[Conversation], first_row: int = 0) -> list[EncodedSample]:
         out = []
         for i, conv in enumerate(conversations):
-            ids, labels = self.encode(conv)
-            out.append(EncodedSample(conv.id, first_row + i, ids, labels))
+            ids, labels, segments = self.encode_segments(conv)
+            out.append(EncodedSample(conv.id, first_row + i, ids, labels, segments))
         self._memo.clear()
         return out
 
@@ -222,33 +261,70 @@ def load_split(path: Path, image_folder: Path | None, encoder: ConversationEncod
 class CaptionCollator:
     """Encoded samples -> a right-padded batch: ``input_ids`` with each image placeholder expanded,
     ``labels`` (``IGNORE_INDEX`` on image tokens and padding), ``attention_mask`` and the samples'
-    cached ``vision_features`` (float32)."""
+    cached ``vision_features`` (float32). When a sample is branched, also ``segments`` (-1 on padding)
+    and ``position_ids`` (each branch continues from the end of the shared prefix)."""
 
     def __init__(self, processor, features: torch.Tensor):
         self.processor, self.features = processor, features
         self.image_id = processor.token_ids["image"]
         self.image_tokens = processor.num_tokens["image"]
 
-    def expand(self, sample: EncodedSample) -> tuple[list[int], list[int]]:
-        ids, labels = [], []
-        for token, label in zip(sample.input_ids, sample.labels):
+    def expand(self, sample: EncodedSample) -> tuple[list[int], list[int], list[int]]:
+        ids, labels, segments = [], [], []
+        for t, (token, label) in enumerate(zip(sample.input_ids, sample.labels)):
             n = self.image_tokens if token == self.image_id else 1
             ids += [token] * n
             labels += [IGNORE_INDEX if token == self.image_id else label] * n
-        return ids, labels
+            segments += [sample.segments[t] if sample.segments else 0] * n
+        return ids, labels, segments
 
     def __call__(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
         rows = [self.expand(s) for s in samples]
-        length = max(len(ids) for ids, _ in rows)
+        length = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(rows), length), self.processor.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (ids, labs) in enumerate(rows):
+        segments = torch.full((len(rows), length), -1, dtype=torch.long)
+        for i, (ids, labs, segs) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(labs)] = torch.tensor(labs)
             mask[i, : len(ids)] = 1
+            segments[i, : len(segs)] = torch.tensor(segs)
         feats = self.features[torch.tensor([s.row for s in samples])].float()  # (B, tower_tokens, D)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "vision_features": feats}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "vision_features": feats}
+        if any(s.segments for s in samples):
+            batch["segments"] = segments
+            batch["position_ids"] = branch_positions(segments)
+        return batch
+
+
+def branch_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids of branched rows: the shared prefix (segment 0) counts 0, 1, ...; each branch
+    counts on from the prefix's length, as if it followed the prefix alone; padding (-1) gets 0."""
+    prefix = (segments == 0).sum(1, keepdim=True)  # (B, 1)
+    positions = torch.zeros_like(segments)
+    for k in segments.unique().tolist():
+        member = segments == k
+        if k < 0:
+            continue
+        offset = member.long().cumsum(1) - 1  # index within its segment
+        positions = torch.where(member, offset + (prefix if k > 0 else 0), positions)
+    return positions
+
+
+def branch_attention_mask(segments: torch.Tensor, boolean: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 1, T, T) attention of branched rows: a token sees the earlier tokens of the shared prefix and of its
+    own branch, never another branch's, nor padding (a padding row sees itself, so no row is empty). Boolean
+    (True = attend) for sdpa, else additive (0 / dtype's min) for eager attention."""
+    t = segments.shape[1]
+    query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)
+    allowed = allowed[:, None]
+    if boolean:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 # --- the loss and the module ----------------------------------------------------------------------
@@ -258,9 +334,13 @@ def answer_loss(model: MixLLMForCausalLM, batch: dict[str, torch.Tensor]) -> tor
     inputs_embeds = model.embed_inputs(batch["input_ids"], vision_features=batch.get("vision_features"),
                                        pixel_values=batch.get("pixel_values"))  # fmt: skip
     lm = model.language_model
+    attention, positions = batch["attention_mask"], batch.get("position_ids")
+    if "segments" in batch:  # branched questions: a 4D mask, passed through by transformers as given
+        eager = getattr(lm.config, "_attn_implementation", None) == "eager"
+        attention = branch_attention_mask(batch["segments"], boolean=not eager, dtype=inputs_embeds.dtype)
     hidden = lm.base_model(
-        inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"],
-        position_ids=positions_from_mask(batch["attention_mask"]),
+        inputs_embeds=inputs_embeds, attention_mask=attention,
+        position_ids=positions if positions is not None else positions_from_mask(batch["attention_mask"]),
     ).last_hidden_state  # (B, T, D)  # fmt: skip
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX  # (B, T-1)
@@ -355,7 +435,8 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
     start_run(recipe.num_threads, recipe.seed, resume)
     output_dir = Path(recipe.output_dir)
     model, processor = build_model(recipe)
-    encoder = ConversationEncoder(processor.tokenizer, processor.num_tokens["image"], processor.token_ids["image"])
+    encoder = ConversationEncoder(processor.tokenizer, processor.num_tokens["image"], processor.token_ids["image"],
+                                  branch=recipe.branch_questions, image_token=recipe.model_config().image.token)  # fmt: skip
     train_json, image_folder = data_files(recipe, "train")
     train_convs, train_report = load_split(train_json, image_folder, encoder, recipe)
     val_json, val_folder = data_files(recipe, "val") if recipe.limit_val else (None, None)

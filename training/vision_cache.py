@@ -2,7 +2,7 @@
 
 LLaVA's stage 1 and (with a frozen tower) stage 2 never change the tower, so every epoch would recompute
 the same (N, tokens, D) grid. :func:`cached_vision_features` runs the tower once over a list of images and
-stores the result (float16: EfficientNet-Lite0's features are ReLU6 outputs in [0, 6], where float16 keeps
+stores the result (float16: EfficientNet-Lite0's features are small activations, where float16 keeps
 about three significant digits) in one safetensors file named by a key over the tower's weights, its
 preprocessing and the images (path, size, modification time): change any of them and the key changes.
 """
@@ -27,7 +27,7 @@ CACHE_VERSION = 1
 
 def tower_fingerprint(encoder: ImageEncoder, image_processor) -> str:
     """A hash of the tower's weights and buffers, its config and the preprocessing."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{encoder.config.encoder}|{encoder.config.vision_feature_layer}|"
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{encoder.config.encoder}|{encoder.config.feature_layers()}|"
                             f"{encoder.strategy}|{image_processor!r}".encode())  # fmt: skip
     for name, tensor in encoder.tower.state_dict().items():
         digest.update(name.encode())

@@ -228,6 +228,38 @@ class EfficientNetLite0(nn.Module):
             x = block(x)  # ... -> (B, 320, 7, 7)
         return self.act(self._bn1(self._conv_head(x)))  # (B, 1280, 7, 7)
 
+    @property
+    def num_stages(self) -> int:
+        """Feature stages :meth:`stage_features` indexes: each MBConv block (0-15), then the head (16)."""
+        return len(self._blocks) + 1
+
+    def stage_channels(self, index: int) -> int:
+        """Width of stage ``index`` (negative counts from the head, -1)."""
+        index = self._stage_index(index)
+        return self.num_features if index == len(self._blocks) else self._blocks[index]._bn2.num_features
+
+    def _stage_index(self, index: int) -> int:
+        if not -self.num_stages <= index < self.num_stages:
+            raise ValueError(f"EfficientNet-Lite0 has feature stages 0-{self.num_stages - 1} (blocks, then the head) "
+                             f"or -1 to -{self.num_stages}; got {index}")  # fmt: skip
+        return index % self.num_stages
+
+    def stage_features(self, pixel_values: Tensor, indices: list[int]) -> list[Tensor]:
+        """The outputs of the given stages (block ``i`` for 0-15, the head for 16 or -1), in the order asked:
+        (B, C_i, H_i, W_i) each. Runs the network only as deep as the deepest stage asked for."""
+        wanted = [self._stage_index(i) for i in indices]
+        head = len(self._blocks)
+        if wanted == [head]:
+            return [self.forward_features(pixel_values)]
+        x = self.act(self._bn0(self._conv_stem(pixel_values)))
+        found: dict[int, Tensor] = {}
+        for i, block in enumerate(self._blocks[: max(wanted) + 1]):
+            x = block(x)
+            found[i] = x
+        if head in wanted:
+            found[head] = self.act(self._bn1(self._conv_head(x)))
+        return [found[i] for i in wanted]
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) normalized pixels -> (B, num_classes) ImageNet logits."""
         x = self.forward_features(pixel_values)  # (B, 1280, 7, 7)

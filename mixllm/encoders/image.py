@@ -14,8 +14,8 @@ from mixllm.config import ImageConfig
 
 
 class ImageEncoder(nn.Module):
-    """EfficientNet-Lite0 (the 7x7x1280 grid flattened to 49 tokens) or any transformers vision
-    model (hidden states of ``vision_feature_layer``, CLS dropped under the "default" strategy)."""
+    """EfficientNet-Lite0 (its 7x7 grid flattened to 49 tokens: the 1280-channel head, or any blocks' outputs
+    pooled to that grid) or any transformers vision model (hidden states of ``vision_feature_layer``, CLS dropped under the "default" strategy)."""
 
     def __init__(self, config: ImageConfig, tower: nn.Module | None = None):
         super().__init__()
@@ -24,14 +24,16 @@ class ImageEncoder(nn.Module):
             from mixllm.encoders.efficientnet_lite import efficientnet_lite0
 
             self.tower = tower if tower is not None else efficientnet_lite0(weights=config.path or "default")
-            self.output_dim = self.tower.num_features
-            grid = config.image_size // 32
-            self.num_tokens = grid * grid
+            layers = config.feature_layers()
+            self.stages = [layers] if isinstance(layers, int) else list(layers)
+            self.output_dim = sum(self.tower.stage_channels(i) for i in self.stages)
+            self.grid = config.image_size // 32
+            self.num_tokens = self.grid * self.grid
             self.strategy = "full"
         else:
             self.tower = tower if tower is not None else load_hf_vision_tower(config.path)
             vcfg = self.tower.config
-            layers = config.vision_feature_layer
+            layers = config.feature_layers()
             n_layers = 1 if isinstance(layers, int) else len(layers)
             self.output_dim = vcfg.hidden_size * n_layers
             has_cls = not vcfg.model_type.startswith("siglip")
@@ -77,10 +79,12 @@ class ImageEncoder(nn.Module):
         pixel_values = pixel_values.to(dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             if self.config.encoder == "efficientnet-lite0":
-                grid = self.tower.forward_features(pixel_values)  # (N, 1280, h, w)
-                return grid.flatten(2).transpose(1, 2)  # (N, h*w, 1280)
+                stages = self.tower.stage_features(pixel_values, self.stages)  # (N, C_i, H_i, W_i) each
+                grid = self.grid
+                stages = [s if s.shape[-1] == grid else F.adaptive_avg_pool2d(s, grid) for s in stages]
+                return torch.cat(stages, dim=1).flatten(2).transpose(1, 2)  # (N, grid*grid, sum C_i)
             out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
-            layers = self.config.vision_feature_layer
+            layers = self.config.feature_layers()
             if isinstance(layers, int):
                 selected = out.hidden_states[layers]  # (N, 1 + P, D)
                 if self.strategy == "default":
