@@ -19,8 +19,10 @@ CELLS = [
 The default image QA model in `checkpoints/scenes_qa` (what `mixllm ask` and the service's
 `/v1/chat/completions` answer with) is LLaVA's recipe at a small scale:
 
-* **vision tower** — EfficientNet-Lite0, frozen. A 224x224 image gives its last feature map, a 7x7
-  grid of 1280-dim vectors: **49 visual tokens**, one per 32-px cell;
+* **vision tower** — EfficientNet-Lite0, frozen. A 224x224 image gives the outputs of two of its inner
+  blocks side by side on a 7x7 grid (block 7's 80 channels, average-pooled from 14x14, and block 14's 192):
+  **49 visual tokens** of 272 numbers, one per 32-px cell. Its last layer (1280 channels) was the first
+  choice, but it has lost most of the colour (`reports/vision_probe.md`);
 * **projector** — a 2-layer GELU MLP that maps each of the 49 vectors into the embedding space of the
   language model; the 49 projected vectors take the place of the `<image>` placeholder in the prompt;
 * **language model** — SmolLM2-135M-Instruct, frozen, with LoRA adapters (rank 8 on every linear layer of its
@@ -32,7 +34,8 @@ on a neutral background, each with a caption and up to five questions):
 1. **feature alignment** — only the projector trains, on captions ("Two shapes: a red circle at the top
    left and ..."), with the tower and the language model frozen;
 2. **instruction tuning** — the projector (starting from stage 1) and the LoRA adapters train on the
-   question-answer conversations.
+   question-answer pairs, each question as if it were asked alone (the image is shared by a scene's
+   questions, but no question sees another's).
 
 Both stages put the loss on the answer tokens only. Below: the scenes, both stages' loss curves, answers
 on held-out images, where the model fails, and what it answers when the image is taken away. The
@@ -149,14 +152,14 @@ pd.DataFrame(records).T if records else print("no training_run.json found")"""),
     new_markdown_cell("""## Answers on held-out images
 
 Every question of twelve held-out scenes, one question per prompt (image + question, as in
-`mixllm ask`), greedy, in one left-padded batch. The vision tower runs once per image; its 7x7x1280
-features are reused for every question about that image. An answer counts as right on an exact match
+`mixllm ask`), greedy, in one left-padded batch. The vision tower runs once per image; its 7x7 grid of
+features is reused for every question about that image. An answer counts as right on an exact match
 after normalisation (case, surrounding space, final punctuation), as in `mixllm eval caption`. The first
 six scenes, wrong answers in red:"""),
     new_code_cell("""N_SCENES = 12
 live = [held_out(i) for i in range(N_SCENES)]
 with torch.no_grad():
-    features = encoder.tower_features(qa.processor.image_processor([image for _, image, _ in live]))  # (N, 49, 1280)
+    features = encoder.tower_features(qa.processor.image_processor([image for _, image, _ in live]))  # (N, 49, 272)
 rows = [(k, q) for k, (_, _, qas) in enumerate(live) for q in qas]
 row_index = torch.tensor([k for k, _ in rows])
 answers = batch_answers(qa.model, qa.processor, [q.question for _, q in rows], vision_features=features[row_index])

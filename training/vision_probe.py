@@ -7,7 +7,8 @@ stages are at 7x7 already; earlier ones are average-pooled to 7x7, as a projecto
 standardised and fed to a linear classifier (softmax regression, Adam, 300 full-batch steps) that predicts
 the shape's colour (8 classes) and its kind (5 classes); accuracy is measured on a held-out 20% of the
 shapes. A layer whose probe cannot read the colour cannot give it to the LLM either: this is how the image
-QA model's vision features are chosen (LLaVA takes CLIP's penultimate layer for the same reason).
+QA model's vision features are chosen (LLaVA takes CLIP's penultimate layer for the same reason): the
+default reads blocks 7 and 14, concatenated.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from mixllm.provenance import atomic_write_text, git_revision, machine_info
 
 TAPS = {"block 3 (40 ch, 28x28)": 3, "block 7 (80 ch, 14x14)": 7, "block 10 (112 ch, 14x14)": 10,
-        "block 14 (192 ch, 7x7)": 14, "block 15 (320 ch, 7x7)": 15, "head (1280 ch, 7x7, used today)": "head"}  # fmt: skip
+        "block 14 (192 ch, 7x7)": 14, "block 15 (320 ch, 7x7)": 15, "head (1280 ch, 7x7; the first default)": "head"}  # fmt: skip
+CONCATENATED = {"blocks 7 + 14 (272 ch; the default's vision_feature_layer)": ("block 7 (80 ch, 14x14)", "block 14 (192 ch, 7x7)")}
+"""Rows whose feature is two taps side by side, as ``vision_feature_layer: [7, 14]`` feeds the projector."""
 
 
 @torch.no_grad()
@@ -79,7 +82,9 @@ def run(num_scenes: int, seed: int = 0) -> dict:
             shape_labels.append(kinds.index(shape.shape))
     index = torch.tensor(cells)
     result = {"scenes": num_scenes, "shapes": len(cells), "layers": {}}
-    for name, grid in layer_features(scenes).items():
+    grids = layer_features(scenes)
+    grids.update({name: torch.cat([grids[a], grids[b]], dim=1) for name, (a, b) in CONCATENATED.items()})
+    for name, grid in grids.items():
         rows = grid[index[:, 0], :, index[:, 1], index[:, 2]]  # (shapes, C)
         result["layers"][name] = {
             "colour": probe(rows, torch.tensor(colour_labels), len(colours)),
