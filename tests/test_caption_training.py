@@ -182,6 +182,9 @@ class _FakeTower(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
 
+    def stage_channels(self, index: int) -> int:
+        return self.num_features
+
 
 def test_batched_greedy_answers_equal_one_at_a_time(scenes, tiny_lm, tmp_path):
     """Left padding (generation): each row's per-step logits and tokens match the row alone. Right padding
