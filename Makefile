@@ -56,7 +56,7 @@ rankers: setup
 	$(MAKE) rankers-ablations
 
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
-# held-out report reports/scenes_qa.{json,md}. About 75 min of 2-core CPU time (see the README).
+# held-out report reports/scenes_qa.{json,md}. About 100 min of 2-core CPU time (see the README).
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
