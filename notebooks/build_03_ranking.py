@@ -3,10 +3,8 @@
     .venv/bin/python notebooks/build_03_ranking.py
 """
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+from notebook_builder import write_notebook
 
 CELLS = [
     new_markdown_cell("""# Ranking with the textual teacher and the embedding-token student
@@ -117,10 +115,7 @@ assert np.isfinite(T).all() and np.isfinite(S).all()"""),
 
 
 def main() -> None:
-    notebook = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    path = Path(__file__).with_name("03_ranking.ipynb")
-    nbformat.write(notebook, path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, "03_ranking.ipynb")
 
 
 if __name__ == "__main__":

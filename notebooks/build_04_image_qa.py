@@ -8,10 +8,8 @@ and ``reports/scenes_qa.json``; the held-out scenes are regenerated from the sce
 mixllm checkpoint with an image modality.
 """
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+from notebook_builder import write_notebook
 
 CELLS = [
     new_markdown_cell("""# Image question answering on synthetic scenes
@@ -277,10 +275,7 @@ summary"""),
 
 
 def main() -> None:
-    notebook = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    path = Path(__file__).with_name("04_image_qa.ipynb")
-    nbformat.write(notebook, path)
-    print(f"wrote {path}")
+    write_notebook(CELLS, "04_image_qa.ipynb")
 
 
 if __name__ == "__main__":

@@ -36,16 +36,12 @@ def layer_features(scenes, batch_size: int = 8) -> dict[str, torch.Tensor]:
     from mixllm.image_processing import ImageProcessor
 
     model, processor = efficientnet_lite0(weights="default").eval(), ImageProcessor()
-    wanted = {v: k for k, v in TAPS.items()}
+    stages = [-1 if tap == "head" else tap for tap in TAPS.values()]
     out: dict[str, list[torch.Tensor]] = {name: [] for name in TAPS}
     for start in range(0, len(scenes), batch_size):
         x = processor([render_scene(s) for s in scenes[start : start + batch_size]])
-        x = model.act(model._bn0(model._conv_stem(x)))
-        for i, block in enumerate(model._blocks):
-            x = block(x)
-            if i in wanted:
-                out[wanted[i]].append(F.adaptive_avg_pool2d(x, 7))
-        out[wanted["head"]].append(model.act(model._bn1(model._conv_head(x))))
+        for name, features in zip(TAPS, model.stage_features(x, stages)):
+            out[name].append(F.adaptive_avg_pool2d(features, 7))
     return {name: torch.cat(chunks) for name, chunks in out.items()}
 
 

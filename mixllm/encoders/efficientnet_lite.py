@@ -220,13 +220,7 @@ class EfficientNetLite0(nn.Module):
 
     def forward_features(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) normalized pixels -> (B, 1280, H/32, W/32) features after conv_head + BN + ReLU6."""
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
-            expected = f"(batch, {self.config.in_channels}, height, width)"
-            raise ValueError(f"pixel_values must be {expected}, got {tuple(pixel_values.shape)}")
-        x = self.act(self._bn0(self._conv_stem(pixel_values)))  # (B, 32, 112, 112)
-        for block in self._blocks:
-            x = block(x)  # ... -> (B, 320, 7, 7)
-        return self.act(self._bn1(self._conv_head(x)))  # (B, 1280, 7, 7)
+        return self.stage_features(pixel_values, [-1])[0]
 
     @property
     def num_stages(self) -> int:
@@ -247,11 +241,12 @@ class EfficientNetLite0(nn.Module):
     def stage_features(self, pixel_values: Tensor, indices: list[int]) -> list[Tensor]:
         """The outputs of the given stages (block ``i`` for 0-15, the head for 16 or -1), in the order asked:
         (B, C_i, H_i, W_i) each. Runs the network only as deep as the deepest stage asked for."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_channels:
+            expected = f"(batch, {self.config.in_channels}, height, width)"
+            raise ValueError(f"pixel_values must be {expected}, got {tuple(pixel_values.shape)}")
         wanted = [self._stage_index(i) for i in indices]
         head = len(self._blocks)
-        if wanted == [head]:
-            return [self.forward_features(pixel_values)]
-        x = self.act(self._bn0(self._conv_stem(pixel_values)))
+        x = self.act(self._bn0(self._conv_stem(pixel_values)))  # (B, 32, H/2, W/2)
         found: dict[int, Tensor] = {}
         for i, block in enumerate(self._blocks[: max(wanted) + 1]):
             x = block(x)
