@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--checkpoint", nargs="+", required=True, metavar="[NAME=]PATH",
                     help="ranker checkpoint folders (checkpoints/teacher, runs/student/ranker, ...)")
     rk.add_argument("--dataset", default="ml-100k", help="ml-100k or a dataset folder (see mixllm.data.load_dataset)")
-    rk.add_argument("--seed", type=int, default=0, help="candidate lists and SASRec retriever of this seed")
+    rk.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="candidate-list seeds of the sampled "
+                    "protocols (report: mean ± std over them); SASRec and its retriever: the first one's")
+    rk.add_argument("--seed", type=int, nargs=1, dest="seeds", default=argparse.SUPPRESS, help="one seed: --seeds SEED")
     rk.add_argument("--output", default="reports/ml100k_rankers.json", help="JSON report (markdown beside it)")
     rk.add_argument("--max-users", type=int, default=None, help="evaluate only the first N test users (all rows)")
     rk.add_argument("--teacher-users-20", type=int, default=300, help="teacher rows: users for sampled-20")
@@ -113,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher rows: users for sampled-100 and full ranking (~1,900-token prompts)")
     rk.add_argument("--protocols", nargs="+", default=["sampled-20", "sampled-100", "full"],
                     choices=["sampled-20", "sampled-100", "full"], help="which protocols to score (default: all)")
-    rk.add_argument("--retrieve", type=int, default=100, help="full ranking: FAISS top-k that the LLM reranks")
+    rk.add_argument("--retrieve", type=int, nargs="+", default=[20, 50, 100],
+                    help="full ranking: the depths k of the FAISS top-k that the LLM reranks (each one reported)")
+    rk.add_argument("--headline-depth", type=int, default=None,
+                    help="the --retrieve depth of the table's full-ranking columns and targets (default: the largest)")
     rk.add_argument("--batch-size", type=int, default=8, help="requests per forward while scoring")
     rk.add_argument("--speed-requests", type=int, default=64, help="requests timed side by side")
     rk.add_argument("--speed-batch-size", type=int, default=8, help="requests per batch in the speed run")

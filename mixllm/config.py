@@ -76,7 +76,8 @@ class UserConfig:
     """The user modality (User-LLM): a history of item vectors -> m summary tokens."""
 
     item_dim: int = 384
-    """Width of each history item vector."""
+    """Width of each history item vector (a ranker reads them from ``ItemCatalog.user_features``,
+    else its ``features``)."""
     num_tokens: int = 4
     """m: summary tokens per user."""
     hidden_dim: int = 128
@@ -86,7 +87,8 @@ class UserConfig:
     num_heads: int = 4
     """Attention heads in the history encoder."""
     max_history: int = 50
-    """Longest history (positions) the encoder accepts."""
+    """Longest history (positions) the encoder accepts. A ranker feeds it this many of a request's
+    most recent items, independently of (and typically more than) its H item tokens."""
     projector: str = "mlp2x_gelu"
     """Projector type: "linear" or "mlp2x_gelu"."""
     token: str = "<user>"

@@ -28,6 +28,38 @@ def register_placeholder_tokens(tokenizer, tokens: dict[str, str]) -> dict[str, 
     return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in tokens.items()}
 
 
+def pad_user_histories(histories: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-user histories into one batch for the user encoder.
+
+    Args:
+        histories: one (L_u, F) tensor per user, most recent item last.
+
+    Returns:
+        (U, L_max, F) float32 histories (zeros past each user's length) and the (U, L_max) bool
+        mask, True on real items; the encoder masks the rest, so padding never changes a user's tokens.
+
+    Raises:
+        DataError: no histories, a history is empty or not 2-D, or its item width differs from the first one's
+            (the message names the user's index and both widths).
+    """
+    if len(histories) == 0:
+        raise DataError("user_history: no histories were given")
+    histories = [torch.as_tensor(h, dtype=torch.float32) for h in histories]
+    for i, h in enumerate(histories):
+        if h.dim() != 2 or h.shape[0] == 0:
+            raise DataError(f"user_history[{i}] must be a non-empty (length, dim) tensor, got shape {tuple(h.shape)}")
+    length = max(h.shape[0] for h in histories)
+    dim = histories[0].shape[1]
+    history = torch.zeros(len(histories), length, dim)  # (U, L_max, F)
+    mask = torch.zeros(len(histories), length, dtype=torch.bool)  # (U, L_max)
+    for i, h in enumerate(histories):
+        if h.shape[1] != dim:
+            raise DataError(f"user_history[{i}] has item width {h.shape[1]}, expected {dim}")
+        history[i, : h.shape[0]] = h
+        mask[i, : h.shape[0]] = True
+    return history, mask
+
+
 class MixLLMProcessor:
     """Text + per-modality inputs -> model inputs.
 
@@ -183,20 +215,8 @@ class MixLLMProcessor:
             return {}
         if "user" not in self.token_ids:
             raise DataError("user_history: this model has no user modality")
-        histories = [torch.as_tensor(h, dtype=torch.float32) for h in user_history]
-        self._check_count("user", len(histories), placeholders)
-        for i, h in enumerate(histories):
-            if h.dim() != 2 or h.shape[0] == 0:
-                raise DataError(f"user_history[{i}] must be a non-empty (length, dim) tensor, got shape {tuple(h.shape)}")
-        length = max(h.shape[0] for h in histories)
-        dim = histories[0].shape[1]
-        history = torch.zeros(len(histories), length, dim)
-        mask = torch.zeros(len(histories), length, dtype=torch.bool)
-        for i, h in enumerate(histories):
-            if h.shape[1] != dim:
-                raise DataError(f"user_history[{i}] has item width {h.shape[1]}, expected {dim}")
-            history[i, : h.shape[0]] = h
-            mask[i, : h.shape[0]] = True
+        self._check_count("user", len(user_history), placeholders)
+        history, mask = pad_user_histories(user_history)
         return {"user_history": history, "user_history_mask": mask}
 
     def batch_decode(self, sequences: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:

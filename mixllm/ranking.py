@@ -31,6 +31,20 @@ Requests in a batch may have different histories and candidate counts: rows are 
 the longest request, padded positions are masked out (they attend only to themselves), padded
 candidate slots score 0 and are False in ``candidate_mask``.
 
+User tokens (User-LLM): when the student's model has the user modality (``MixLLMConfig.user``),
+the prefix also carries the user's ``<user>`` placeholder (:attr:`RankingTemplate.user`, before the
+history items), which the processor expands to m tokens filled by the user encoder + projector.
+The user encoder reads a longer window than the item tokens: of a request's history, the last
+``max_history`` (H) items become item tokens and the last ``UserConfig.max_history`` items are
+read, as rows of :attr:`ItemCatalog.user_item_features`, by the user encoder; a request may hold
+up to :attr:`MixLLMRanker.max_request_history` items. Every candidate sees the user tokens: they
+are in the prefix. The teacher has none.
+
+Score fusion (``fusion=True``): the final score is ``score + fusion_gate * retriever_score``, with
+the retriever's candidate scores (e.g. SASRec's) given per request
+(:attr:`RankingRequest.retriever_scores`) and ``fusion_gate`` a learned scalar that starts at 0,
+so a fused ranker starts exactly as the ranker alone.
+
 Memory note: the mask is (B, 1, T, T) in the model's dtype, and eager attention materialises
 (B, heads, T, T) weights per layer; a teacher request with H=10 and C=100 MovieLens items is
 T ~ 1,900 tokens.
@@ -54,6 +68,7 @@ from mixllm.data.split import DEFAULT_HISTORY_LENGTH, PAD
 from mixllm.errors import DataError
 from mixllm.item_cache import ItemTokenCache
 from mixllm.modeling import MixLLMForCausalLM
+from mixllm.processor import pad_user_histories
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +102,27 @@ class RankingTemplate:
     text_item: str = "\n{text}"
     """How the teacher writes one item (history or candidate); ``{text}`` is the item text. The
     student writes the bare placeholder instead."""
+    user: str = "User profile:{user}\n"
+    """The user's summary (User-LLM), written just before the history items, i.e. after the prefix
+    text that precedes ``{history}``; ``{user}`` (exactly once) becomes the ``<user>`` placeholder,
+    which the processor expands to ``UserConfig.num_tokens`` (m) tokens. Written only for a student
+    whose model has the user modality and a request with history: every other prompt is
+    byte-identical to one from a template without this field (checkpoints saved before it load
+    with this default)."""
 
     def __post_init__(self) -> None:
-        for name, slot in (("prefix", "{history}"), ("segment", "{item}"), ("text_item", "{text}")):
+        slots = (("prefix", "{history}"), ("segment", "{item}"), ("text_item", "{text}"), ("user", "{user}"))
+        for name, slot in slots:
             if getattr(self, name).count(slot) != 1:
                 raise ValueError(f"RankingTemplate.{name} must contain {slot} exactly once, got {getattr(self, name)!r}")
 
-    def render(self, history: Sequence[str], candidates: Sequence[str]) -> tuple[str, list[str]]:
-        """Rendered items (text or placeholders) -> (prefix text, one text per candidate)."""
-        prefix = self.prefix.replace("{history}", "".join(history))
+    def render(
+        self, history: Sequence[str], candidates: Sequence[str], user: str | None = None
+    ) -> tuple[str, list[str]]:
+        """Rendered items (text or placeholders) -> (prefix text, one text per candidate); ``user``:
+        the user placeholder, written with :attr:`user` before the history (None: no user part)."""
+        user_part = "" if user is None else self.user.replace("{user}", user)
+        prefix = self.prefix.replace("{history}", user_part + "".join(history))
         return prefix, [self.segment.replace("{item}", c) for c in candidates]
 
 
@@ -111,6 +138,9 @@ class RankingPrompt:
     """(H + C, F) one row per item placeholder in order: history items, then candidates (student)."""
     item_ids: torch.Tensor | None = None
     """(H + C,) item ids for the id embedding, same order (student)."""
+    user_history: torch.Tensor | None = None
+    """(L, F_user) the item vectors the user encoder reads, oldest first, for the prefix's one
+    ``<user>`` placeholder (a student with the user modality and a non-empty history), else None."""
 
     @property
     def prefix_len(self) -> int:
@@ -160,6 +190,7 @@ class RankingPromptBuilder:
         history_ids: Sequence[int] | torch.Tensor | None = None,
         candidate_ids: Sequence[int] | torch.Tensor | None = None,
         history_text: str | None = None,
+        user_history: torch.Tensor | None = None,
     ) -> RankingPrompt:
         """Items as placeholders; give features (rows) and/or ids per item, as the item encoder needs.
 
@@ -167,8 +198,13 @@ class RankingPromptBuilder:
         history goes the way the teacher writes an item (``template.text_item``); e.g. the
         ``query`` of a rerank request.
 
+        ``user_history`` (L, F_user): the item vectors the user encoder reads, oldest first; the
+        prefix then carries one ``<user>`` placeholder (``template.user``) before the history.
+        None or empty: no user part.
+
         Raises:
-            DataError: no candidates, or features and ids disagree on how many items there are.
+            DataError: no candidates, features and ids disagree on how many items there are, or
+                ``user_history`` is given to a model without the user modality.
         """
         n_history = _count_items("history", history_features, history_ids)
         n_candidates = _count_items("candidates", candidate_features, candidate_ids)
@@ -176,20 +212,26 @@ class RankingPromptBuilder:
             raise DataError("candidates: the candidate list is empty")
         if history_text is not None and n_history:
             raise DataError("history: give history items or history_text, not both")
+        users = None if user_history is None or len(user_history) == 0 else [user_history]
+        if users is not None and "user" not in self.processor.token_ids:
+            raise DataError("user_history: this model has no user modality (MixLLMConfig.user)")
         token = self.processor.token("item")
         history = [token] * n_history if history_text is None else [self.template.text_item.replace("{text}", history_text)]
-        prefix, segments = self.template.render(history, [token] * n_candidates)
+        user = None if users is None else self.processor.token("user")
+        prefix, segments = self.template.render(history, [token] * n_candidates, user)
         features = _concat_rows("features", history_features, candidate_features, n_history, n_candidates)
         ids = _concat_rows("ids", history_ids, candidate_ids, n_history, n_candidates)
-        return self._tokenize(prefix, segments, features, ids)
+        return self._tokenize(prefix, segments, features, ids, users)
 
-    def _tokenize(self, prefix: str, segments: list[str], item_features=None, item_ids=None) -> RankingPrompt:
-        batch = self.processor([prefix, *segments], item_features=item_features, item_ids=item_ids, padding_side="right")
+    def _tokenize(self, prefix: str, segments: list[str], item_features=None, item_ids=None, user_history=None) -> RankingPrompt:
+        batch = self.processor([prefix, *segments], item_features=item_features, item_ids=item_ids,
+                               user_history=user_history, padding_side="right")  # fmt: skip
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         empty = [i for i, row in enumerate(rows[1:]) if not row]
         if empty:
             raise DataError(f"candidates: segment(s) {empty} tokenize to nothing; check RankingTemplate.segment")
-        return RankingPrompt(rows[0], rows[1:], batch.get("item_features"), batch.get("item_ids"))
+        user = batch["user_history"][0] if "user_history" in batch else None  # (L, F_user): one user, no padding
+        return RankingPrompt(rows[0], rows[1:], batch.get("item_features"), batch.get("item_ids"), user)
 
 
 def _count_items(side: str, features, ids) -> int:
@@ -279,6 +321,14 @@ class RankingInputs:
     """(N,) item ids in the same order (student)."""
     num_tokens: list[int] = field(default_factory=list)
     """Tokens each request costs (prefix + segments), before padding."""
+    user_history: torch.Tensor | None = None
+    """(U, L_max, F_user) the user encoder's histories, one per request that has user tokens, in
+    batch order, right-padded (student with the user modality)."""
+    user_history_mask: torch.Tensor | None = None
+    """(U, L_max) bool, True on real history items."""
+    retriever_scores: torch.Tensor | None = None
+    """(B, C_max) float32 retriever scores of the candidates (0 on padded slots), for a ranker with
+    score fusion (``MixLLMRanker(fusion=True)``); a ranker without fusion refuses them."""
 
     def to(self, device: torch.device | str) -> RankingInputs:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
@@ -309,10 +359,41 @@ def collate_prompts(prompts: Sequence[RankingPrompt], pad_token_id: int, dtype: 
         parts = [getattr(p, name) for p in prompts if getattr(p, name) is not None]
         return torch.cat(parts) if parts else None
 
+    users = [p.user_history for p in prompts if p.user_history is not None]  # placeholder order = batch order
+    user_history, user_history_mask = pad_user_histories(users) if users else (None, None)
     return RankingInputs(
         input_ids, mask, position_ids, score_index, candidate_mask, cat("item_features"), cat("item_ids"),
-        [p.num_tokens for p in prompts],
+        [p.num_tokens for p in prompts], user_history=user_history, user_history_mask=user_history_mask,
     )
+
+
+def pad_retriever_scores(requests: Sequence[RankingRequest], c_max: int) -> torch.Tensor | None:
+    """(B, C_max) float32 the requests' ``retriever_scores``, 0 on padded candidate slots; None when
+    no request has any.
+
+    Raises:
+        DataError: only some requests have them, a request has not one per candidate, or one is
+            not finite (``gate * inf`` would poison the score even with the gate at 0).
+    """
+    given = [r.retriever_scores is not None for r in requests]
+    if not any(given):
+        return None
+    if not all(given):
+        raise DataError(
+            f"request {given.index(False)}: no retriever_scores while other requests of the batch have them; "
+            "give them for every request or none"
+        )
+    out = torch.zeros(len(requests), c_max)
+    for b, r in enumerate(requests):
+        row = torch.as_tensor(r.retriever_scores, dtype=torch.float32).reshape(-1)
+        if row.shape[0] != len(r.candidates):
+            raise DataError(
+                f"request {b}: {row.shape[0]} retriever_scores for {len(r.candidates)} candidates; give one per candidate"
+            )
+        if not bool(torch.isfinite(row).all()):
+            raise DataError(f"request {b}: retriever_scores hold a non-finite value: {row.tolist()}")
+        out[b, : row.shape[0]] = row
+    return out
 
 
 # --- the ranker ----------------------------------------------------------------------------------
@@ -322,6 +403,9 @@ class RankingRequest:
 
     history: Sequence[int]
     candidates: Sequence[int]
+    retriever_scores: Sequence[float] | None = None
+    """One score per candidate from the retriever that proposed them (e.g. SASRec's dot products),
+    for a ranker with score fusion; None for every other ranker."""
 
     @classmethod
     def from_padded(cls, history_row, candidates, max_history: int | None = None) -> RankingRequest:
@@ -341,27 +425,44 @@ class ItemCatalog:
 
     The teacher needs ``texts``; the student needs ``features`` when its item encoder reads
     precomputed vectors (``ItemConfig.feature_dim > 0``) and passes the indices themselves to the
-    id embedding when it has one (``ItemConfig.num_items > 0``).
+    id embedding when it has one (``ItemConfig.num_items > 0``). A student whose model has the
+    user modality reads each history item's row of :attr:`user_item_features` too.
     """
 
     texts: Sequence[str] | None = None
     """Item texts (e.g. ``InteractionDataset.item_texts``)."""
     features: torch.Tensor | None = None
     """(N, F) precomputed item vectors (e.g. MiniLM embeddings of the texts)."""
+    user_features: torch.Tensor | None = None
+    """(N, F_user) the vectors the user encoder reads per history item (``UserConfig.item_dim``
+    wide), when they differ from ``features`` (e.g. SASRec item embeddings for the user, MiniLM for
+    the item tokens); None = ``features`` (see :attr:`user_item_features`)."""
 
     def __post_init__(self) -> None:
-        if self.texts is None and self.features is None:
+        if self.texts is None and self.features is None and self.user_features is None:
             raise DataError("ItemCatalog needs texts and/or features")
-        if self.features is not None:
-            self.features = torch.as_tensor(self.features)
-            if self.features.dim() != 2:
-                raise DataError(f"ItemCatalog.features must be (num_items, dim), got shape {tuple(self.features.shape)}")
+        for name in ("features", "user_features"):
+            value = getattr(self, name)
+            if value is not None:
+                value = torch.as_tensor(value)
+                setattr(self, name, value)
+                if value.dim() != 2:
+                    raise DataError(f"ItemCatalog.{name} must be (num_items, dim), got shape {tuple(value.shape)}")
         if self.texts is not None and self.features is not None and len(self.texts) != self.features.shape[0]:
             raise DataError(f"ItemCatalog has {len(self.texts)} texts but {self.features.shape[0]} feature rows")
+        if self.user_features is not None and self.user_features.shape[0] != self.num_items:
+            raise DataError(f"ItemCatalog has {self.num_items} items but {self.user_features.shape[0]} user_features rows")
 
     @property
     def num_items(self) -> int:
-        return len(self.texts) if self.texts is not None else int(self.features.shape[0])
+        if self.texts is not None:
+            return len(self.texts)
+        return int((self.features if self.features is not None else self.user_features).shape[0])
+
+    @property
+    def user_item_features(self) -> torch.Tensor | None:
+        """(N, F_user) what the user encoder reads per item: ``user_features``, else ``features``."""
+        return self.user_features if self.user_features is not None else self.features
 
     def check(self, ids: Sequence[int], what: str) -> list[int]:
         """``ids`` as a list of ints, or DataError naming the first id outside the catalog."""
@@ -398,8 +499,14 @@ class MixLLMRanker(nn.Module):
               ``template.segment``, which every candidate pays for. Only the C gathered positions
               go through the LM head.
         answer_token: the text of the answer token; must tokenize to exactly one token.
-        max_history: the most history items a request may hold (the H the ranker was trained
-            with); None = limited only by the model's positions.
+        max_history: H, the most recent history items read as item tokens (the H the ranker was
+            trained with); None = every history item, limited only by the model's positions. A
+            student whose model has the user modality also feeds the last
+            :attr:`user_history_length` items to the user encoder, so a request may hold up to
+            :attr:`max_request_history` items.
+        fusion: add a learned scalar :attr:`fusion_gate` (0 at init) times the candidates'
+            retriever scores to the scores, so a trained ranker can lean on the retriever that
+            proposed the candidates; starting at 0, it begins exactly as the ranker alone.
     """
 
     def __init__(
@@ -412,6 +519,7 @@ class MixLLMRanker(nn.Module):
         scoring: str = "head",
         answer_token: str = "Yes",
         max_history: int | None = None,
+        fusion: bool = False,
     ):
         super().__init__()
         if max_history is not None and max_history < 1:
@@ -442,6 +550,25 @@ class MixLLMRanker(nn.Module):
             if len(ids) != 1:
                 raise ValueError(f"answer_token {answer_token!r} is {len(ids)} tokens; it must be exactly one")
             self.answer_token_id = ids[0]
+        # A float32 scalar whatever the model's dtype: bf16 keeps ~3 digits, and small steps of a
+        # slowly learned gate would round away. Fused scores are float32 for the same reason.
+        self.fusion_gate: nn.Parameter | None = nn.Parameter(torch.zeros((), dtype=torch.float32)) if fusion else None
+        """Fusion only: final score = ranker score + ``fusion_gate`` * retriever score."""
+
+    @property
+    def user_history_length(self) -> int:
+        """How many of a request's most recent history items the user encoder reads
+        (``UserConfig.max_history``); 0 when the prompt has no user tokens (a teacher, or a model
+        without the user modality)."""
+        user = self.model.config.user
+        return user.max_history if self.mode == "student" and user is not None else 0
+
+    @property
+    def max_request_history(self) -> int | None:
+        """The longest history a request may hold: H (``max_history``) item tokens or the user
+        encoder's :attr:`user_history_length`, whichever is longer; None when ``max_history`` is
+        None (every history item becomes a token)."""
+        return None if self.max_history is None else max(self.max_history, self.user_history_length)
 
     def _check_catalog(self) -> None:
         if self.mode == "teacher":
@@ -463,29 +590,63 @@ class MixLLMRanker(nn.Module):
             raise DataError(
                 f"the catalog has {self.catalog.num_items} items but the id embedding holds {item.num_items}"
             )
+        user, table = self.model.config.user, self.catalog.user_item_features
+        if user is None:
+            if self.catalog.user_features is not None:
+                raise DataError(
+                    f"ItemCatalog.user_features ({self.catalog.user_features.shape[1]} wide) were given but the model has "
+                    "no user modality (MixLLMConfig.user), so no user encoder would read them"
+                )
+            return
+        if table is None:
+            raise DataError(
+                f"the user encoder reads {user.item_dim}-wide item vectors: give ItemCatalog(user_features=...) or features"
+            )
+        if table.shape[1] != user.item_dim:
+            name = "user_features" if self.catalog.user_features is not None else "features (read as user_features)"
+            raise DataError(
+                f"ItemCatalog.{name} have width {table.shape[1]} but the user encoder expects {user.item_dim} "
+                "(UserConfig.item_dim)"
+            )
 
     # --- requests -> inputs ----------------------------------------------------------------------
     def build_prompt(self, request: RankingRequest, index: int = 0) -> RankingPrompt:
-        """Tokenize one request (``index`` only names it in error messages)."""
+        """Tokenize one request (``index`` only names it in error messages).
+
+        The last ``max_history`` (H) history items become item tokens; with user tokens, the last
+        :attr:`user_history_length` items are read by the user encoder, from the catalog's
+        :attr:`ItemCatalog.user_item_features` (with a token cache too, so those items must be
+        catalog rows). A request with no history gets no user tokens."""
         if len(request.candidates) == 0:
             raise DataError(f"request {index}: the candidate list is empty")
-        if self.max_history is not None and len(request.history) > self.max_history:
+        limit = self.max_request_history
+        if limit is not None and len(request.history) > limit:
+            limits = "max_history"
+            if self.user_history_length:
+                limits = (
+                    f"max_history {self.max_history} as item tokens, "
+                    f"user.max_history {self.user_history_length} for the user encoder"
+                )
             raise DataError(
                 f"request {index}: the history has {len(request.history)} items but this ranker reads at most "
-                f"{self.max_history} (max_history); pass the {self.max_history} most recent"
+                f"{limit} ({limits}); pass the {limit} most recent"
             )
+        history_ids = [int(i) for i in request.history]
+        item_history = history_ids if self.max_history is None else history_ids[-self.max_history :]
+        user_history = history_ids[-self.user_history_length :] if self.user_history_length else []
         cached = self.mode == "student" and self.token_cache is not None
         check = self.token_cache.check_rows if cached else self.catalog.check
-        history = check([int(i) for i in request.history], f"request {index} history")
+        history = check(item_history, f"request {index} history")
         candidates = check([int(i) for i in request.candidates], f"request {index} candidates")
+        user = self._user_history(self.catalog.check(user_history, f"request {index} history"))
         try:
             if cached:  # placeholders carry cache rows; forward gathers their tokens
-                prompt = self.prompts.student(history_ids=history, candidate_ids=candidates)
+                prompt = self.prompts.student(history_ids=history, candidate_ids=candidates, user_history=user)
             elif self.mode == "teacher":
                 texts = self.catalog.texts
                 prompt = self.prompts.teacher([texts[i] for i in history], [texts[i] for i in candidates])
             else:
-                prompt = self.prompts.student(**self._item_inputs(history, candidates))
+                prompt = self.prompts.student(**self._item_inputs(history, candidates), user_history=user)
         except DataError as err:
             raise DataError(f"request {index}: {err}") from None
         longest = prompt.prefix_len + max(prompt.segment_lens)
@@ -507,11 +668,18 @@ class MixLLMRanker(nn.Module):
             out["history_ids"], out["candidate_ids"] = history, candidates
         return out
 
+    def _user_history(self, history: list[int]) -> torch.Tensor | None:
+        """(L, F_user) the user encoder's vectors of ``history`` (oldest first), None when empty."""
+        return self.catalog.user_item_features[history] if history else None
+
     def prepare(self, requests: Sequence[RankingRequest]) -> RankingInputs:
-        """Tokenize and pad a batch of requests (on the CPU; call ``.to(device)`` as needed)."""
+        """Tokenize and pad a batch of requests (on the CPU; call ``.to(device)`` as needed); the
+        requests' ``retriever_scores``, if any, become ``RankingInputs.retriever_scores``."""
         if not requests:
             raise DataError("requests: the batch is empty")
-        return self.collate([self.build_prompt(r, i) for i, r in enumerate(requests)])
+        inputs = self.collate([self.build_prompt(r, i) for i, r in enumerate(requests)])
+        inputs.retriever_scores = pad_retriever_scores(requests, inputs.candidate_mask.shape[1])
+        return inputs
 
     def collate(self, prompts: Sequence[RankingPrompt]) -> RankingInputs:
         """Pad tokenized prompts (:meth:`build_prompt`, or the prompt builder's own) into a batch in
@@ -537,11 +705,20 @@ class MixLLMRanker(nn.Module):
         """(B, C_max) scores; padded candidate slots hold 0 (see ``inputs.candidate_mask``).
 
         ``item_embeds``: the items' tokens gathered beforehand (:meth:`gather_item_tokens`), so a
-        caller can read a cache that others write under its own lock and run the forward outside it."""
+        caller can read a cache that others write under its own lock and run the forward outside it.
+
+        With fusion the scores are float32 ``score + fusion_gate * inputs.retriever_scores``.
+
+        Raises:
+            DataError: a fused ranker got no ``retriever_scores`` or ones of another shape, or a
+                ranker without fusion got some (it would ignore them, so it refuses them).
+        """
+        self._check_retriever_scores(inputs)
         if item_embeds is None:
             item_embeds = self.gather_item_tokens(inputs)
         inputs_embeds = self.model.embed_inputs(
-            inputs.input_ids, item_features=inputs.item_features, item_ids=inputs.item_ids, item_embeds=item_embeds
+            inputs.input_ids, item_features=inputs.item_features, item_ids=inputs.item_ids, item_embeds=item_embeds,
+            user_history=inputs.user_history, user_history_mask=inputs.user_history_mask,
         )  # (B, T, D)
         backbone = self.model.language_model.base_model  # the decoder stack, without the LM head
         hidden = backbone(
@@ -559,7 +736,30 @@ class MixLLMRanker(nn.Module):
             scores = last @ lm_head.weight[self.answer_token_id]  # (B, C): one row of the LM head only
             if getattr(lm_head, "bias", None) is not None:
                 scores = scores + lm_head.bias[self.answer_token_id]
+        if self.fusion_gate is not None:
+            retriever = inputs.retriever_scores.to(device=scores.device, dtype=torch.float32)  # (B, C)
+            scores = scores + self.fusion_gate * retriever  # (B, C) float32
         return scores.masked_fill(~inputs.candidate_mask, 0.0)
+
+    def _check_retriever_scores(self, inputs: RankingInputs) -> None:
+        given = inputs.retriever_scores
+        if self.fusion_gate is None:
+            if given is not None:
+                raise DataError(
+                    "retriever_scores: this ranker has no score fusion (built with fusion=False), so it would ignore "
+                    "them; drop them or use a ranker built with fusion=True"
+                )
+            return
+        if given is None:
+            raise DataError(
+                "retriever_scores: this ranker fuses the retriever's scores (fusion=True) but none were given; "
+                "set RankingRequest.retriever_scores (one per candidate) or RankingInputs.retriever_scores (B, C)"
+            )
+        if tuple(given.shape) != tuple(inputs.candidate_mask.shape):
+            raise DataError(
+                f"retriever_scores: shape {tuple(given.shape)} but the batch has candidates of shape "
+                f"{tuple(inputs.candidate_mask.shape)} (B, C_max)"
+            )
 
     def score(self, requests: Sequence[RankingRequest]) -> list[torch.Tensor]:
         """One (C_i,) tensor of scores per request, in the request's candidate order."""
@@ -572,30 +772,50 @@ class MixLLMRanker(nn.Module):
         return {
             "mode": self.mode, "scoring": self.scoring, "answer_token": self.answer_token,
             "template": asdict(self.prompts.template), "max_history": self.max_history,
+            "fusion": self.fusion_gate is not None,
         }  # fmt: skip
 
     def save_pretrained(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
         """The model's checkpoint (``MixLLMForCausalLM.save_pretrained``) plus ``ranker_config.json``
-        and the score head as ``ranker_head.safetensors``; a student also stores its catalog's item
-        features (``catalog_features.safetensors``), so it reloads without recomputing them."""
+        and ``ranker_head.safetensors`` (the score head's ``weight`` and, with fusion, the
+        ``fusion_gate``); a student also stores its catalog's item features and user features
+        (``catalog_features.safetensors``: ``features``, ``user_features`` when the catalog has its
+        own), so it reloads without recomputing them."""
         path = self.model.save_pretrained(path, provenance=provenance)
-        if self.mode == "student" and self.catalog.features is not None:
-            save_file({"features": self.catalog.features.detach().float().contiguous().cpu()}, str(path / CATALOG_FEATURES_NAME))
+        if self.mode == "student":
+            tables = {name: getattr(self.catalog, name) for name in ("features", "user_features")}
+            tables = {name: t.detach().float().contiguous().cpu() for name, t in tables.items() if t is not None}
+            if tables:
+                save_file(tables, str(path / CATALOG_FEATURES_NAME))
         (path / RANKER_CONFIG_NAME).write_text(json.dumps(self.ranker_config(), indent=2))
-        if self.score_head is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.score_head.state_dict().items()},
-                      str(path / RANKER_HEAD_NAME))
+        head = {} if self.score_head is None else dict(self.score_head.state_dict())
+        if self.fusion_gate is not None:
+            head["fusion_gate"] = self.fusion_gate
+        if head:
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(path / RANKER_HEAD_NAME))
         return path
 
     def load_score_head(self, path: str | Path) -> None:
-        """Load ``ranker_head.safetensors`` from a checkpoint directory into this ranker's head.
+        """Load ``ranker_head.safetensors`` from a checkpoint directory into this ranker's head and
+        fusion gate.
 
         Checkpoints written before the head lost its bias store a ``bias`` too; it is dropped
         (:data:`SCORE_HEAD_RULE`): it added the same constant to every candidate, so every ranking
         and every listwise probability is unchanged, only raw scores shift by that constant."""
-        if self.score_head is None:
+        if self.score_head is None and self.fusion_gate is None:
             raise ValueError("this ranker scores with the answer token; it has no score head")
         state = load_file(str(Path(path) / RANKER_HEAD_NAME))
+        gate = state.pop("fusion_gate", None)
+        if (gate is None) != (self.fusion_gate is None):
+            raise DataError(
+                f"{path}: {RANKER_HEAD_NAME} {'holds no' if gate is None else 'holds a'} fusion_gate but the ranker was "
+                f"built with fusion={self.fusion_gate is not None}"
+            )
+        if gate is not None:
+            with torch.no_grad():
+                self.fusion_gate.copy_(gate.reshape(()))
+        if self.score_head is None:
+            return
         bias = state.pop("bias", None)
         if bias is not None:
             logger.info("%s: dropping the stored score-head bias %.4g (%s)", path, float(bias.flatten()[0]), SCORE_HEAD_RULE)
@@ -608,17 +828,21 @@ class MixLLMRanker(nn.Module):
         """Load what :meth:`save_pretrained` wrote (the base LLM is loaded from its reference).
 
         ``catalog`` may be left out for a student that stored its item features; a teacher needs
-        ``ItemCatalog(texts=...)``. Stored features fill in a catalog given without features."""
+        ``ItemCatalog(texts=...)``. Stored features (and user features) fill in a catalog given
+        without them."""
         from mixllm.loading import from_pretrained
 
         path = Path(path)
         config_file = path / RANKER_CONFIG_NAME
         if not config_file.is_file():
             raise DataError(f"{path} is not a ranker checkpoint: {RANKER_CONFIG_NAME} is missing")
-        stored = path / CATALOG_FEATURES_NAME
-        if stored.is_file() and (catalog is None or catalog.features is None):
-            texts = None if catalog is None else catalog.texts
-            catalog = ItemCatalog(texts=texts, features=load_file(str(stored))["features"])
+        stored_file = path / CATALOG_FEATURES_NAME
+        stored = load_file(str(stored_file)) if stored_file.is_file() else {}
+        given = {} if catalog is None else {"features": catalog.features, "user_features": catalog.user_features}
+        missing = [name for name in stored if given.get(name) is None]
+        if missing:
+            tables = {**stored, **{name: t for name, t in given.items() if t is not None}}
+            catalog = ItemCatalog(texts=None if catalog is None else catalog.texts, **tables)
         if catalog is None:
             raise DataError(f"{path} stores no item features: give ItemCatalog(texts=...) (and features for a student)")
         meta = json.loads(config_file.read_text())
@@ -630,8 +854,9 @@ class MixLLMRanker(nn.Module):
         ranker = cls(
             model, processor, catalog, mode=meta["mode"], template=RankingTemplate(**meta["template"]),
             scoring=meta["scoring"], answer_token=meta["answer_token"], max_history=max_history,
+            fusion=meta.get("fusion", False),
         )  # fmt: skip
-        if ranker.score_head is not None:
+        if ranker.score_head is not None or ranker.fusion_gate is not None:
             ranker.load_score_head(path)
         return ranker.eval()
 
@@ -640,13 +865,24 @@ class MixLLMRanker(nn.Module):
 class ProtocolRanker(Ranker):
     """A :class:`MixLLMRanker` behind the evaluator's :class:`~mixllm.data.evaluation.Ranker`
     interface (``evaluate_protocols``, ``mixllm eval ranker``): batches of padded histories and
-    candidates become requests (:meth:`RankingRequest.from_padded`), scored ``batch_size`` at a time."""
+    candidates become requests (:meth:`RankingRequest.from_padded`), scored ``batch_size`` at a time.
+
+    Two history lengths: :attr:`max_history` (the evaluator's: how many of the most recent items
+    ``make_batch`` supplies, the longest the ranker reads) and :attr:`max_item_history` (H, how
+    many of them become item tokens). They differ only for a student with user tokens, whose user
+    encoder reads ``UserConfig.max_history`` items."""
 
     supports_full_ranking = False
 
     def __init__(self, ranker: MixLLMRanker, name: str, batch_size: int = 8) -> None:
         self.ranker, self.name, self.batch_size = ranker.eval(), name, batch_size
-        self.max_history = ranker.max_history or DEFAULT_HISTORY_LENGTH
+        # A ranker without max_history makes every history item a token: it gets the default H.
+        self.max_item_history: int = ranker.max_history or DEFAULT_HISTORY_LENGTH
+        """H: the most recent history items the ranker reads as item tokens."""
+        # Stand-ins for a MixLLMRanker (tests) may have max_history only: no user window then.
+        longest = getattr(ranker, "max_request_history", ranker.max_history)
+        self.max_history: int = self.max_item_history if ranker.max_history is None else longest
+        """The most recent history items the ranker reads at all (item tokens and user encoder)."""
 
     def requests(self, batch: RankingBatch) -> list[RankingRequest]:
         """One request per row, each history cut to the ``max_history`` most recent items."""

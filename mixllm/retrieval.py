@@ -37,6 +37,11 @@ class FaissRetriever:
     def num_items(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def max_history(self) -> int:
+        """H of the retriever: the most recent items SASRec's user vector reads."""
+        return self.sasrec.config.max_len
+
     @torch.no_grad()
     def set_rows(self, rows: list[int], vectors: torch.Tensor) -> None:
         """Write ``vectors`` (n, D) at ``rows``: rows past the end append, others update in place."""

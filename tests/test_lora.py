@@ -15,7 +15,9 @@ from mixllm.errors import MixLLMError
 from mixllm.loading import build, from_pretrained
 from mixllm.lora import DEFAULT_TARGETS, LoRAConfig, LoRALinear, apply_lora, is_lora_key, merge_lora
 from mixllm.modeling import WEIGHTS_NAME
-from training.rankers import RankerRecipe, RecipeError, build_ranker, load_recipe_dataset
+from training.ranker_build import build_ranker, load_recipe_dataset, save_ranker
+from training.ranker_recipe import RankerRecipe
+from training.recipe import RecipeError
 
 FEAT = 8  # item feature width
 NUM_LAYERS = 2  # conftest's tiny LMs
@@ -263,27 +265,28 @@ def test_checkpoint_without_adapters_is_refused_by_a_lora_model(tmp_path, tiny_l
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        ({"lora_rank": 0}, "lora_rank"),
-        ({"lora_rank": 1.5}, "lora_rank"),
-        ({"lora_alpha": 0}, "lora_alpha"),
-        ({"lora_targets": []}, "lora_targets"),
-        ({"lora_targets": ["q_proj", ""]}, "lora_targets"),
+        ({"rank": 0}, "lora.rank"),
+        ({"rank": 1.5}, "lora.rank"),
+        ({"alpha": 0}, "lora.alpha"),
+        ({"target_modules": []}, "lora.target_modules"),
+        ({"target_modules": ["q_proj", ""]}, "lora.target_modules"),
     ],
 )
 def test_recipe_lora_errors_name_the_field(overrides, field):
+    """The recipe nests LoRAConfig (``lora:``) and LoRAConfig validates it, once."""
     with pytest.raises(RecipeError) as err:
-        RankerRecipe(fine_tuning="lora", **overrides)
+        RankerRecipe(lora=overrides)
     assert err.value.field == field and str(err.value).startswith(f"{field}:")
     assert isinstance(err.value, MixLLMError)
 
 
-def _teacher_recipe(**overrides) -> RankerRecipe:
-    return RankerRecipe(role="teacher", base_model="tiny-random-llama", dataset="synthetic", fine_tuning="lora",
-                        alpha=0.0, lora_rank=2, lora_alpha=4.0, **overrides)  # fmt: skip
+def _teacher_recipe(targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> RankerRecipe:
+    return RankerRecipe(role="teacher", base_model="tiny-random-llama", dataset="synthetic", alpha=0.0,
+                        lora={"rank": 2, "alpha": 4.0, "target_modules": list(targets)})  # fmt: skip
 
 
 def test_lora_recipe_builds_a_ranker_whose_adapters_and_head_train():
-    recipe = _teacher_recipe(lora_targets=["q_proj", "o_proj"])
+    recipe = _teacher_recipe(["q_proj", "o_proj"])
     ranker = build_ranker(recipe, load_recipe_dataset(recipe))
     config = ranker.model.config
     assert config.freeze_language_model and config.lora == LoRAConfig(rank=2, alpha=4.0, target_modules=["q_proj", "o_proj"])
@@ -297,16 +300,15 @@ def test_lora_recipe_builds_a_ranker_whose_adapters_and_head_train():
 
 
 def test_lora_recipe_with_unknown_targets_names_the_field():
-    recipe = _teacher_recipe(lora_targets=["nope"])
+    recipe = _teacher_recipe(["nope"])
     with pytest.raises(RecipeError) as err:
         build_ranker(recipe, load_recipe_dataset(recipe))
-    assert err.value.field == "lora_targets" and str(err.value).startswith("lora_targets:")
+    assert err.value.field == "lora.target_modules" and str(err.value).startswith("lora.target_modules:")
     assert "nope" in str(err.value) and "q_proj" in str(err.value)
 
 
 def test_lora_ranker_checkpoint_reloads_to_identical_scores(tmp_path):
     from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
-    from training.rankers import save_ranker
 
     recipe = _teacher_recipe()
     dataset = load_recipe_dataset(recipe)

@@ -15,10 +15,13 @@ from mixllm.data import PROTOCOLS, leave_one_out, load_dataset, make_synthetic_d
 from mixllm.data.evaluation import Ranker, RankingBatch, make_batch
 from mixllm.errors import MixLLMError
 from mixllm.ranking import ItemCatalog, MixLLMRanker, ProtocolRanker
+from mixllm.stats import mean_std
 from training import ranker_eval
 from mixllm.retrieval import FaissRetriever
 from training.ranker_eval import full_ranking_metrics, per_user_metrics
-from training.rankers import RankerRecipe, load_or_train_sasrec, train_ranker
+from training.ranker_build import load_or_train_sasrec
+from training.ranker_recipe import RankerRecipe
+from training.rankers import train_ranker
 
 DATASET_NAME = "tinyrank"
 NUM_ITEMS = 160  # sampled-100 needs 99 never-interacted negatives per user
@@ -60,7 +63,7 @@ def setup(tmp_path_factory):
                                   teacher_scores=str(root / "teacher_scores.pt"))).ranker_dir
     # A different history length (3 vs 4): the side-by-side speed run must give each model its own H.
     labels = train_ranker(recipe("student_tiny.yaml", "labels", alpha=0.0, teacher_scores=None, teacher_checkpoint=None,
-                                 history_length=3)).ranker_dir
+                                 max_history=3)).ranker_dir
     return {"root": root, "folder": folder, "cache": cache, "dataset": dataset, "split": split,
             "teacher": teacher, "student": student, "labels": labels}
 
@@ -80,27 +83,47 @@ def _args(setup, *extra: str, checkpoints: list[str] | None = None, output: Path
 
 
 # --- end to end ----------------------------------------------------------------------------------
-T20, T100, SPEED_REQUESTS, SPEED_BATCH, RETRIEVE = 5, 3, 3, 4, 30
+T20, T100, SPEED_REQUESTS, SPEED_BATCH = 5, 3, 3, 4
+SEEDS = (0, 1, 2)  # candidate seeds of the sampled protocols
+DEPTHS = (10, 30)  # rerank depths of full ranking: 30 retrieves most targets, 10 misses some
+RETRIEVE = 30  # the headline depth
+
+
+def _eval(setup, *extra: str, checkpoints: list[str] | None = None, output: Path, seeds: tuple[int, ...] | None = SEEDS,
+          depths: tuple[int, ...] = DEPTHS, headline: int | None = RETRIEVE) -> dict:
+    """Run ``mixllm eval ranker`` on ``_args`` with several candidate seeds (None: the one of ``--seed``),
+    rerank depths and a headline depth set on the parsed arguments (the report fixture's options are what
+    is under test, not their command-line spelling); returns the JSON report."""
+    args = cli.build_parser().parse_args(_args(setup, *extra, checkpoints=checkpoints, output=output))
+    if seeds is not None:
+        args.seeds = list(seeds)
+    args.retrieve, args.headline_depth = list(depths), headline
+    assert ranker_eval.cli_eval_ranker(args) == 0
+    return json.loads(output.read_text())
 
 
 @pytest.fixture(scope="module")
 def report(setup):
     output = setup["root"] / "report" / "rankers.json"
-    code = cli.main(_args(setup, "--teacher-users-20", str(T20), "--teacher-users-100", str(T100), "--speed-requests",
-                          str(SPEED_REQUESTS), "--speed-batch-size", str(SPEED_BATCH), "--retrieve", str(RETRIEVE),
-                          "--batch-size", "4", output=output))
-    assert code == 0
-    return json.loads(output.read_text()), output
+    data = _eval(setup, "--teacher-users-20", str(T20), "--teacher-users-100", str(T100), "--speed-requests",
+                 str(SPEED_REQUESTS), "--speed-batch-size", str(SPEED_BATCH), "--batch-size", "4", output=output)
+    return data, output
+
+
+def _rows(data: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in data["rankers"]}
+
+
+NAMES = ["Popularity", "SASRec (H=8)", "teacher", "student (distilled, ids)", "student (labels only, ids)"]
 
 
 def test_cli_report_rows_users_and_metrics(setup, report):
     data, output = report
-    rows = {row["name"]: row for row in data["rankers"]}
-    names = ["Popularity", "SASRec (H=8)", "teacher", "student (distilled, ids)", "student (labels only, ids)"]
-    assert list(rows) == names
-    assert data["users"] == NUM_USERS and data["dataset"]["name"] == DATASET_NAME
+    rows = _rows(data)
+    assert list(rows) == NAMES
+    assert data["users"] == NUM_USERS and data["dataset"]["name"] == DATASET_NAME and data["seeds"] == list(SEEDS)
     assert data["teacher_users"] == {"sampled-20": T20, "sampled-100": T100, "full": T100}
-    assert [rows[n]["kind"] for n in names] == ["popularity", "sasrec", "teacher", "student", "student"]
+    assert [rows[n]["kind"] for n in NAMES] == ["popularity", "sasrec", "teacher", "student", "student"]
     assert rows["student (labels only, ids)"]["history_length"] == 3 and rows["teacher"]["history_length"] == 4
     for name, row in rows.items():
         teacher = name == "teacher"
@@ -111,21 +134,44 @@ def test_cli_report_rows_users_and_metrics(setup, report):
             assert set(row[key]) == {"sampled-20", "sampled-100", "full"}
             for protocol, values in row[key].items():
                 assert set(values) == set(PROTOCOLS[protocol].metrics), (name, protocol)
-                assert all(0.0 <= v <= 1.0 for v in values.values()), (name, key, protocol, values)
+                for metric, stats in values.items():
+                    if protocol == "full":  # scored once: no candidate seed
+                        assert stats == {"mean": stats["mean"], "std": 0.0, "n": 1}, (name, key, metric)
+                        assert 0.0 <= stats["mean"] <= 1.0
+                        continue
+                    per_seed = stats["per_seed"]
+                    assert list(per_seed) == [str(seed) for seed in SEEDS], (name, key, protocol, metric)
+                    assert all(0.0 <= v <= 1.0 for v in per_seed.values()), (name, key, protocol, metric, per_seed)
+                    expected = mean_std(list(per_seed.values()))
+                    assert {k: stats[k] for k in expected} == pytest.approx(expected, abs=1e-12), (name, key, protocol, metric)
         if teacher:  # the teacher is scored on exactly the common users
             assert row["metrics"] == row["metrics_common_users"]
-    assert set(data["retrieval"]) >= {"method", "k", f"recall@{RETRIEVE}"} and data["retrieval"]["k"] == RETRIEVE
 
-    # Every LLM row's full-ranking recall is bounded by retrieval recall on the same users.
-    recall = data["retrieval"][f"recall@{RETRIEVE}"]
-    for name in names[2:]:
-        if rows[name]["users"]["full"] == NUM_USERS:
-            assert rows[name]["metrics"]["full"]["recall@20"] <= recall + 1e-9
+    # Full ranking at every depth: the LLM rows rerank the top k, SASRec's row has its own order of it;
+    # the headline columns are the headline depth's.
+    retrieval = data["retrieval"]
+    assert retrieval["depths"] == list(DEPTHS) and retrieval["headline_depth"] == RETRIEVE
+    assert list(retrieval["recall"]) == [str(k) for k in DEPTHS]
+    assert retrieval["recall"]["10"] <= retrieval["recall"]["30"]
+    assert "full_by_depth" not in rows["Popularity"]
+    for name in NAMES[1:]:
+        by_depth = rows[name]["full_by_depth"]
+        assert list(by_depth) == [str(k) for k in DEPTHS]
+        for k, values in by_depth.items():
+            assert set(values) == set(PROTOCOLS["full"].metrics)
+            if rows[name]["users"]["full"] == NUM_USERS:  # a reranker's recall is bounded by the retrieval's
+                assert values["recall@20"] <= retrieval["recall"][k] + 1e-9 and values["recall@10"] <= retrieval["recall"][k] + 1e-9
+        if name != "SASRec (H=8)":
+            assert {m: v["mean"] for m, v in rows[name]["metrics"]["full"].items()} == by_depth[str(RETRIEVE)]
 
     markdown = output.with_suffix(".md")
     assert markdown.is_file()
     text = markdown.read_text()
-    assert all(name in text for name in names)
+    assert all(name in text for name in NAMES)
+    hr1 = rows["Popularity"]["metrics"]["sampled-20"]["hr@1"]
+    assert f"| Popularity | 0 | {hr1['mean']:.4f} ± {hr1['std']:.4f} |" in text  # mean ± std over the seeds
+    assert "| Model | top-10 | top-30 |" in text and "k = 30" in text
+    assert "Paired comparisons" in text and "skipped" not in text
 
 
 # Scores of the tiny rankers are O(1) float32 values; computing them in differently shaped batches
@@ -155,9 +201,10 @@ class _NudgedTarget(Ranker):
 
 
 def test_cli_metrics_match_an_independent_recomputation(setup, report):
-    """Row metrics are means over all users; common-user metrics are means over the first N users."""
+    """Per-seed row metrics are means over all users of that seed's lists, common-user metrics over the
+    first N users; full ranking at each depth, SASRec's own order and the retrieval recall likewise."""
     data, _ = report
-    rows = {row["name"]: row for row in data["rankers"]}
+    rows = _rows(data)
     split = setup["split"]
     cache = str(setup["cache"])
     sasrec = _sasrec(setup)
@@ -166,59 +213,65 @@ def test_cli_metrics_match_an_independent_recomputation(setup, report):
 
     shared = {"sampled-20": T20, "sampled-100": T100, "full": T100}
     popularity = PopularityRanker.fit(split)
-    for protocol in ("sampled-20", "sampled-100", "full"):
-        values = per_user_metrics(popularity, split, protocol, np.arange(NUM_USERS), SEED, cache, retriever, RETRIEVE,
+    for protocol, seed in [(p, s) for p in ("sampled-20", "sampled-100") for s in SEEDS] + [("full", None)]:
+        values = per_user_metrics(popularity, split, protocol, np.arange(NUM_USERS), seed or 0, cache, retriever, RETRIEVE,
                                   chunk=7, progress=False)  # fmt: skip
         for metric, per_user in values.items():
             assert len(per_user) == NUM_USERS
-            assert rows["Popularity"]["metrics"][protocol][metric] == pytest.approx(per_user.mean(), abs=1e-6)
-            assert rows["Popularity"]["metrics_common_users"][protocol][metric] == pytest.approx(
-                per_user[: shared[protocol]].mean(), abs=1e-6)
+            for key, users in (("metrics", NUM_USERS), ("metrics_common_users", shared[protocol])):
+                stats = rows["Popularity"][key][protocol][metric]
+                reported = stats["mean"] if seed is None else stats["per_seed"][str(seed)]
+                assert reported == pytest.approx(per_user[:users].mean(), abs=1e-6), (key, protocol, seed, metric)
 
-    # An LLM row through the retriever: the distilled student on full ranking, and on sampled-20.
-    # Unlike popularity counts, its scores are float32 forwards that this recomputation batches
-    # differently (chunks of 5 users, not the report's), so each score may differ from the report's by
-    # rounding, and a candidate within that rounding of the target may rank on either side of it. So
-    # the report must lie between the recomputation with every such near-tie resolved against the
-    # target and with every one resolved for it (_NudgedTarget); with no near-tie both bounds are the
-    # exact recomputation, and a misaligned user, list or chunk moves a mean by >= 1 / 24 user.
+    # An LLM row through the retriever: the distilled student on sampled-20 (each seed) and on full
+    # ranking (each depth). Unlike popularity counts, its scores are float32 forwards that this
+    # recomputation batches differently (chunks of 5 users, not the report's), so each score may differ
+    # from the report's by rounding, and a candidate within that rounding of the target may rank on
+    # either side of it. So the report must lie between the recomputation with every such near-tie
+    # resolved against the target and with every one resolved for it (_NudgedTarget); with no near-tie
+    # both bounds are the exact recomputation, and a misaligned user, list, seed or chunk moves a mean
+    # by >= 1 / 24 user.
     student = ProtocolRanker(MixLLMRanker.from_pretrained(setup["student"], ItemCatalog(texts=setup["dataset"].item_texts)),
                              "student", batch_size=4)
+    row = rows["student (distilled, ids)"]
     targets = split.targets("test")
-    for protocol in ("sampled-20", "full"):
-        bounds = []
-        for delta in (-NEAR_TIE, NEAR_TIE):
-            nudged = _NudgedTarget(student, targets, delta)
-            if protocol == "full":  # SASRec's retrieval reads SASRec's own history length
-                values, _ = full_ranking_metrics(nudged, retriever, split, np.arange(NUM_USERS), RETRIEVE,
-                                                 sasrec.config.max_len)  # fmt: skip
-                values = {name: value.numpy() for name, value in values.items()}
-            else:
-                values = per_user_metrics(nudged, split, protocol, np.arange(NUM_USERS), SEED, cache, retriever,
-                                          RETRIEVE, chunk=5, progress=False)  # fmt: skip
-            bounds.append(values)
-        low, high = bounds
-        row = rows["student (distilled, ids)"]
+    for protocol, variant in [("sampled-20", seed) for seed in SEEDS] + [("full", depth) for depth in DEPTHS]:
+        low, high = (per_user_metrics(_NudgedTarget(student, targets, delta), split, protocol, np.arange(NUM_USERS),
+                                      variant if protocol != "full" else SEED, cache, retriever, variant, chunk=5,
+                                      progress=False) for delta in (-NEAR_TIE, NEAR_TIE))  # fmt: skip
         for metric in low:
             assert (low[metric] <= high[metric]).all(), (protocol, metric)
-            for key, users in (("metrics", NUM_USERS), ("metrics_common_users", shared[protocol])):
-                reported = row[key][protocol][metric]
+            if protocol == "full":
+                reported = [(row["full_by_depth"][str(variant)][metric], NUM_USERS)]
+                if variant == RETRIEVE:
+                    reported += [(row["metrics"]["full"][metric]["mean"], NUM_USERS),
+                                 (row["metrics_common_users"]["full"][metric]["mean"], T100)]  # fmt: skip
+            else:
+                reported = [(row["metrics"][protocol][metric]["per_seed"][str(variant)], NUM_USERS),
+                            (row["metrics_common_users"][protocol][metric]["per_seed"][str(variant)], T20)]  # fmt: skip
+            for value, users in reported:
                 lo, hi = low[metric][:users].mean(), high[metric][:users].mean()
                 # 1e-6: the per-user values are float32 (<= 1, rounding <= 6e-8) on both sides
-                assert lo - 1e-6 <= reported <= hi + 1e-6, (key, protocol, metric, reported, lo, hi)
+                assert lo - 1e-6 <= value <= hi + 1e-6, (protocol, variant, metric, users, value, lo, hi)
 
-    # The reported retrieval recall is the hit rate of the FAISS top-k over all test users.
-    targets = split.targets("test")
-    allowed = ~split.interaction_mask(np.arange(NUM_USERS))
-    allowed[np.arange(NUM_USERS), targets] = True
+    # SASRec's own order of its top k, and the retrieval recall: the hit rate of the FAISS top k.
+    users = np.arange(NUM_USERS)
+    allowed = ~split.interaction_mask(users)
+    allowed[users, targets] = True
     history = torch.from_numpy(split.histories("test", sasrec.config.max_len))
-    retrieved = retriever.top_k(history, allowed, RETRIEVE)
-    assert data["retrieval"][f"recall@{RETRIEVE}"] == pytest.approx((retrieved == targets[:, None]).any(1).mean())
+    for depth in DEPTHS:
+        with torch.inference_mode():
+            own, hit = full_ranking_metrics(sasrec, retriever, split, users, depth, sasrec.config.max_len)
+        for metric, value in own.items():
+            assert rows["SASRec (H=8)"]["full_by_depth"][str(depth)][metric] == pytest.approx(value.mean().item(), abs=1e-6)
+        retrieved = retriever.top_k(history, allowed, depth)
+        assert data["retrieval"]["recall"][str(depth)] == pytest.approx((retrieved == targets[:, None]).any(1).mean())
+        assert data["retrieval"]["recall"][str(depth)] == pytest.approx(hit.double().mean().item())
 
 
 def test_cli_speed_and_targets(setup, report):
     data, _ = report
-    rows = {row["name"]: row for row in data["rankers"]}
+    rows = _rows(data)
     for name in ("Popularity", "SASRec (H=8)"):
         assert "speed" not in rows[name]
     for name in ("teacher", "student (distilled, ids)", "student (labels only, ids)"):
@@ -237,17 +290,80 @@ def test_cli_speed_and_targets(setup, report):
 
     targets = data["targets"]
     assert set(targets) == {"prompt_tokens_ratio", "throughput_ratio", "hr1_vs_teacher", "hr1_vs_sasrec",
-                            "distilled_vs_labels_only"}
+                            "distilled_vs_labels_only", "reranked_vs_sasrec_order"}
     assert targets["prompt_tokens_ratio"]["value"] == pytest.approx(teacher_tokens / student_tokens)
     assert targets["prompt_tokens_ratio"]["met"] == (teacher_tokens / student_tokens >= 10)
-    distilled, labels = rows["student (distilled, ids)"], rows["student (labels only, ids)"]
-    assert targets["distilled_vs_labels_only"]["distilled"] == distilled["metrics"]["sampled-20"]["hr@1"]
-    assert targets["distilled_vs_labels_only"]["labels_only"] == labels["metrics"]["sampled-20"]["hr@1"]
-    assert targets["hr1_vs_teacher"]["teacher"] == rows["teacher"]["metrics_common_users"]["sampled-20"]["hr@1"]
-    assert targets["hr1_vs_teacher"]["student"] == distilled["metrics_common_users"]["sampled-20"]["hr@1"]
-    assert targets["hr1_vs_sasrec"]["sasrec"] == rows["SASRec (H=8)"]["metrics"]["sampled-20"]["hr@1"]
+    distilled, labels, sasrec = rows["student (distilled, ids)"], rows["student (labels only, ids)"], rows["SASRec (H=8)"]
+    assert targets["distilled_vs_labels_only"]["distilled"] == distilled["metrics"]["sampled-20"]["hr@1"]["mean"]
+    assert targets["distilled_vs_labels_only"]["labels_only"] == labels["metrics"]["sampled-20"]["hr@1"]["mean"]
+    assert targets["hr1_vs_teacher"]["teacher"] == rows["teacher"]["metrics_common_users"]["sampled-20"]["hr@1"]["mean"]
+    assert targets["hr1_vs_teacher"]["student"] == distilled["metrics_common_users"]["sampled-20"]["hr@1"]["mean"]
+    assert targets["hr1_vs_sasrec"]["sasrec"] == sasrec["metrics"]["sampled-20"]["hr@1"]["mean"]
+    # "above SASRec": the paired interval above zero on every candidate seed, not only a higher mean
+    per_seed = data["comparisons"]["student_vs_sasrec"]["results"]
+    assert targets["hr1_vs_sasrec"]["met"] == all(per_seed[str(seed)]["above_zero"] for seed in SEEDS)
+    assert targets["hr1_vs_sasrec"]["intervals_above_zero"] == sum(r["above_zero"] for r in per_seed.values())
+    # "above SASRec's order": the paired interval at the headline depth
+    rerank, headline = targets["reranked_vs_sasrec_order"], data["comparisons"]["reranked_vs_sasrec_order"]["results"][str(RETRIEVE)]
+    assert rerank["depth"] == RETRIEVE and rerank["met"] == headline["above_zero"]
+    assert (rerank["difference"], rerank["low"], rerank["high"]) == (headline["mean"], headline["low"], headline["high"])
+    assert rerank["reranked"] == distilled["full_by_depth"][str(RETRIEVE)]["ndcg@10"]
+    assert rerank["sasrec_order"] == sasrec["full_by_depth"][str(RETRIEVE)]["ndcg@10"]
     for value in targets.values():
         assert isinstance(value["met"], bool)
+
+
+def test_comparisons_pair_the_common_users_per_seed_and_depth(report):
+    """Each comparison's n is the number of users both rows were scored on, and its mean is the
+    difference of the two rows' reported means on those users (same users, same lists)."""
+    data, output = report
+    rows, comparisons = _rows(data), data["comparisons"]
+    student, sasrec, teacher, labels = (rows[n] for n in (NAMES[3], NAMES[1], NAMES[2], NAMES[4]))
+
+    def hr1(row: dict, seed: int, common: bool = False) -> float:
+        return row["metrics_common_users" if common else "metrics"]["sampled-20"]["hr@1"]["per_seed"][str(seed)]
+
+    expected = {  # key: (a, b, per variant: (n, mean of a - b))
+        "student_vs_sasrec": (student, sasrec, {str(s): (NUM_USERS, hr1(student, s) - hr1(sasrec, s)) for s in SEEDS}),
+        "reranked_vs_sasrec_order": (student, sasrec, {str(k): (NUM_USERS, student["full_by_depth"][str(k)]["ndcg@10"] -
+                                                                sasrec["full_by_depth"][str(k)]["ndcg@10"]) for k in DEPTHS}),
+        "student_vs_teacher": (student, teacher, {str(s): (T20, hr1(student, s, True) - hr1(teacher, s, True)) for s in SEEDS}),
+        "distilled_vs_labels_only": (student, labels, {str(s): (NUM_USERS, hr1(student, s) - hr1(labels, s)) for s in SEEDS}),
+    }  # fmt: skip
+    assert list(comparisons) == list(expected)
+    for key, (a, b, variants) in expected.items():
+        comparison = comparisons[key]
+        assert a["name"] in comparison["a"] and b["name"] in comparison["b"] and "skipped" not in comparison
+        assert list(comparison["results"]) == list(variants), key
+        for variant, (n, mean) in variants.items():
+            result = comparison["results"][variant]
+            assert result["n"] == n, (key, variant)
+            # 1e-6: the rows' means are of float32 per-user values, the bootstrap's in float64
+            assert result["mean"] == pytest.approx(mean, abs=1e-6), (key, variant)
+            assert result["low"] <= result["mean"] <= result["high"] and result["above_zero"] == (result["low"] > 0)
+            assert result["confidence"] == 0.95
+    text = output.with_suffix(".md").read_text()
+    r = comparisons["student_vs_teacher"]["results"]["1"]
+    assert f"| seed 1 | {T20} | {r['mean']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] |" in text
+
+
+def test_paired_difference_of_a_ranker_with_itself_is_zero_and_needs_the_same_users(setup):
+    from mixllm.baselines import PopularityRanker
+
+    split, users = setup["split"], np.arange(NUM_USERS)
+    values = per_user_metrics(PopularityRanker.fit(split), split, "sampled-20", users, SEED, str(setup["cache"]), None,
+                              RETRIEVE, progress=False)  # fmt: skip
+    run = ranker_eval.UserMetrics(users, values)
+    itself = ranker_eval.paired_difference(run, run, "hr@1")
+    assert (itself["mean"], itself["low"], itself["high"], itself["n"]) == (0.0, 0.0, 0.0, NUM_USERS)
+    assert itself["above_zero"] is False
+    # a row scored on fewer users (the teacher): paired on those, the first T20
+    first = ranker_eval.UserMetrics(users[:T20], {m: v[:T20] for m, v in values.items()})
+    assert ranker_eval.paired_difference(run, first, "mrr")["n"] == T20
+    # the same values in another user order are not paired
+    reversed_users = ranker_eval.UserMetrics(users[::-1], {m: v[::-1] for m, v in values.items()})
+    with pytest.raises(ValueError, match="same first 24 users in the same order"):
+        ranker_eval.paired_difference(run, reversed_users, "hr@1")
 
 
 # --- retrieval and full ranking ------------------------------------------------------------------
@@ -395,17 +511,45 @@ def test_bad_checkpoint_spec_and_device(setup, tmp_path, capsys):
     assert isinstance(ranker_eval.EvalError("x"), MixLLMError)
 
 
-def test_protocols_subset_scores_only_those_and_keeps_the_table(setup, tmp_path, report):
+def test_one_seed_a_protocol_subset_and_missing_rows_skip_their_comparisons(setup, tmp_path, report):
+    """The command line as it is typed (``--seed`` = one candidate seed), only the distilled student,
+    only sampled-20: the comparisons with no teacher, no labels-only student or no full ranking are
+    skipped with a note, and their targets left out."""
     output = tmp_path / "subset.json"
     # The report's --batch-size: the same batches give the same float32 scores, so the metrics must
     # agree exactly (to the 1e-6 of float32 per-user values), near-ties included.
-    code = cli.main(_args(setup, "--protocols", "sampled-20", "--teacher-users-20", str(T20), "--speed-requests", "2",
-                          "--speed-batch-size", "2", "--retrieve", str(RETRIEVE), "--batch-size", "4", output=output))
+    code = cli.main(_args(setup, "--protocols", "sampled-20", "--speed-requests", "2", "--speed-batch-size", "2",
+                          "--retrieve", str(RETRIEVE), "--batch-size", "4", checkpoints=[str(setup["student"])],
+                          output=output))  # fmt: skip
     assert code == 0
     subset = json.loads(output.read_text())
-    full = {row["name"]: row for row in report[0]["rankers"]}
+    assert subset["seeds"] == [SEED]
+    full = _rows(report[0])
+    assert [row["name"] for row in subset["rankers"]] == ["Popularity", "SASRec (H=8)", "student (distilled, ids)"]
     for row in subset["rankers"]:
-        assert list(row["metrics"]) == ["sampled-20"]
-        assert row["metrics"]["sampled-20"] == pytest.approx(full[row["name"]]["metrics"]["sampled-20"], abs=1e-6)
-    assert "—" in output.with_suffix(".md").read_text()
-    assert "distilled_vs_labels_only" in subset["targets"]
+        assert list(row["metrics"]) == ["sampled-20"] and "full_by_depth" not in row
+        for metric, stats in row["metrics"]["sampled-20"].items():
+            reported = full[row["name"]]["metrics"]["sampled-20"][metric]["per_seed"][str(SEED)]
+            assert (stats["n"], stats["std"], list(stats["per_seed"])) == (1, 0.0, [str(SEED)])
+            assert stats["mean"] == stats["per_seed"][str(SEED)] == pytest.approx(reported, abs=1e-6), (row["name"], metric)
+    comparisons = subset["comparisons"]
+    assert list(comparisons["student_vs_sasrec"]["results"]) == [str(SEED)]
+    assert comparisons["student_vs_sasrec"]["results"][str(SEED)]["n"] == NUM_USERS
+    skipped = {key: c["skipped"] for key, c in comparisons.items() if "skipped" in c}
+    assert skipped == {"reranked_vs_sasrec_order": "full was not scored (--protocols)",
+                       "student_vs_teacher": "no teacher row in this report",
+                       "distilled_vs_labels_only": "no labels-only student row in this report"}  # fmt: skip
+    assert set(subset["targets"]) == {"hr1_vs_sasrec"}
+    text = output.with_suffix(".md").read_text()
+    assert "—" in text and "- student_vs_teacher: skipped — no teacher row in this report" in text
+
+
+def test_seeds_and_headline_depth_are_checked_naming_the_option(setup, tmp_path):
+    args = cli.build_parser().parse_args(_args(setup, output=tmp_path / "r.json"))
+    args.seeds, args.retrieve, args.headline_depth = [0, 1, 0], [10, 30], None
+    with pytest.raises(ranker_eval.EvalError, match="--seeds: expected distinct seeds >= 0, got 0 1 0"):
+        ranker_eval.run_eval(args)
+    args.seeds, args.headline_depth = [0], 20
+    with pytest.raises(ranker_eval.EvalError, match="--headline-depth 20 is not one of --retrieve 10 30"):
+        ranker_eval.run_eval(args)
+    assert not (tmp_path / "r.json").exists()

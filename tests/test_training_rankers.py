@@ -15,8 +15,10 @@ import yaml
 from mixllm.data import leave_one_out, make_synthetic_dataset
 from mixllm.errors import MixLLMError
 from mixllm.ranking import ItemCatalog, MixLLMRanker
-from training import rankers
-from training.rankers import RankerRecipe, RecipeError, ranking_loss, train_ranker
+from training import ranker_build, ranking_lists, teacher_scores
+from training.ranker_recipe import RankerRecipe
+from training.rankers import ranking_loss, train_ranker
+from training.recipe import CONFIG_DIR, RecipeError, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +83,8 @@ def test_listwise_losses_are_invariant_to_a_shift_shared_by_all_candidates(shift
 def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
     recipe = RankerRecipe.from_yaml("teacher_tiny.yaml", limit_train_users=None, targets_per_user=3)
     split = leave_one_out(make_synthetic_dataset(seed=0))
-    lists = rankers.build_training_lists(split, recipe)
-    again = rankers.build_training_lists(split, recipe)
+    lists = ranking_lists.build_training_lists(split, recipe)
+    again = ranking_lists.build_training_lists(split, recipe)
     assert lists.equals(again) and lists.key == again.key
     assert len(set(lists.target_index.tolist())) > 1  # the target is not always in column 0
     for row in range(len(lists)):
@@ -93,7 +95,7 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
         assert target in seq and seq[seq.index(target) - len(history) : seq.index(target)] == history
         negatives = set(cands.tolist()) - {int(target)}
         assert len(negatives) == recipe.num_negatives and not negatives & set(split.interacted_items(user).tolist())
-    other = rankers.build_training_lists(split, recipe.replace(seed=1))
+    other = ranking_lists.build_training_lists(split, recipe.replace(seed=1))
     assert other.key != lists.key
 
 
@@ -102,9 +104,18 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
     [
         ({"alpha": 1.5}, "alpha"),
         ({"temperature": 0}, "temperature"),
-        ({"fine_tuning": "half"}, "fine_tuning"),
-        ({"fine_tuning": "lora", "lora_targets": "q_proj"}, "lora_targets"),
-        ({"fine_tuning": "half"}, "fine_tuning"),
+        ({"lora": {"rank": 0}}, "lora.rank"),
+        ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules"),
+        ({"lora": {"rank": 2, "bogus": 1}}, "lora.bogus"),
+        ({"lora": {"rank": 2}, "freeze_language_model": False}, "lora"),
+        ({"lora": "big"}, "lora"),
+        ({"item": {"feature_dim": 8}}, "item.feature_dim"),
+        ({"item": {"projector": "conv"}}, "item.projector"),
+        ({"user": {"item_dim": 8}}, "user.item_dim"),
+        ({"fine_tuning": "lora"}, "fine_tuning"),
+        ({"targets_per_user": 0}, "targets_per_user"),
+        ({"negative_pool": 2}, "negative_pool"),
+        ({"hard_negatives": 1.5}, "hard_negatives"),
         ({"batch_size": 0}, "batch_size"),
         ({"val_protocol": "full"}, "val_protocol"),
         ({"teacher_scores": None}, "teacher_scores"),
@@ -132,19 +143,19 @@ def test_packaged_recipes_parse(name):
 
 def test_teacher_checkpoint_reloads_to_identical_scores(teacher_run, tmp_path):
     assert teacher_run.global_step == 2 and teacher_run.lightning_checkpoint.is_file()
-    info = (teacher_run.ranker_dir / rankers.RUN_INFO_NAME).read_text()
+    info = (teacher_run.ranker_dir / ranker_build.RUN_INFO_NAME).read_text()
     assert '"role": "teacher"' in info and '"fingerprint"' in info and '"seed": 0' in info
     live = teacher_run.ranker.eval()
     reloaded = MixLLMRanker.from_pretrained(teacher_run.ranker_dir, live.catalog)
     split = leave_one_out(make_synthetic_dataset(seed=0))
-    lists = rankers.build_validation_lists(split, RankerRecipe.from_yaml("teacher_tiny.yaml", cache_dir=str(tmp_path)))
+    lists = ranking_lists.build_validation_lists(split, RankerRecipe.from_yaml("teacher_tiny.yaml", cache_dir=str(tmp_path)))
     requests = [lists.request(i) for i in range(3)]
     with torch.no_grad():
         expected, got = live.score(requests), reloaded.score(requests)
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b)
     # full fine-tuning trained the LLM: the checkpoint differs from the fresh random base
-    fresh, _ = rankers.make_tiny_base_model(0)
+    fresh, _ = ranker_build.make_tiny_base_model(0)
     assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, reloaded.model.language_model.model.layers[0].mlp.up_proj.weight)
 
 
@@ -156,25 +167,25 @@ def test_student_distils_from_stored_scores_without_running_the_teacher(teacher_
     assert scores_path.is_file() and "train/kl" in first.metrics and "val/hr@1" in first.metrics
     stored = torch.load(scores_path, weights_only=True)
     split = leave_one_out(make_synthetic_dataset(seed=0))
-    lists = rankers.build_training_lists(split, recipe)
+    lists = ranking_lists.build_training_lists(split, recipe)
     assert stored["key"] == lists.key and torch.equal(stored["candidates"], torch.from_numpy(lists.candidates))
     teacher = MixLLMRanker.from_pretrained(teacher_run.ranker_dir, ItemCatalog(texts=split.dataset.item_texts))
-    torch.testing.assert_close(rankers.score_lists_with_teacher(teacher, lists, progress=False)[:4], stored["scores"][:4])
+    torch.testing.assert_close(teacher_scores.score_lists_with_teacher(teacher, lists, progress=False)[:4], stored["scores"][:4])
 
     def boom(*args, **kwargs):
         raise AssertionError("the teacher ran during student training")
 
-    monkeypatch.setattr(rankers, "score_lists_with_teacher", boom)
+    monkeypatch.setattr(teacher_scores, "score_lists_with_teacher", boom)
     monkeypatch.setattr(MixLLMRanker, "from_pretrained", boom)
     seen = []
-    original = rankers.ListCollator.__call__
+    original = ranking_lists.ListCollator.__call__
 
     def spy(self, rows):
         batch = original(self, rows)
         seen.append(batch["teacher_scores"])
         return batch
 
-    monkeypatch.setattr(rankers.ListCollator, "__call__", spy)
+    monkeypatch.setattr(ranking_lists.ListCollator, "__call__", spy)
     second = train_ranker(recipe)
     assert second.global_step == 1
     train_scores = [s for s in seen if s is not None]
@@ -211,7 +222,7 @@ def _free_port() -> int:
 
 
 def test_ddp_two_cpu_processes_through_the_cli(tmp_path):
-    raw = yaml.safe_load((rankers.CONFIG_DIR / "teacher_tiny.yaml").read_text())
+    raw = yaml.safe_load((CONFIG_DIR / "teacher_tiny.yaml").read_text())
     raw.update(strategy="ddp", devices=2, accelerator="cpu", max_steps=2, output_dir=str(tmp_path / "ddp"), cache_dir=str(tmp_path / "cache"))
     config = tmp_path / "teacher_ddp.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -221,7 +232,7 @@ def test_ddp_two_cpu_processes_through_the_cli(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ranker checkpoint:" in proc.stdout
-    info = yaml.safe_load((tmp_path / "ddp" / "ranker" / rankers.RUN_INFO_NAME).read_text())
+    info = yaml.safe_load((tmp_path / "ddp" / "ranker" / ranker_build.RUN_INFO_NAME).read_text())
     assert info["world_size"] == 2 and info["global_step"] == 2
 
 
@@ -241,29 +252,27 @@ def test_item_features_sasrec_checkpoint_and_concatenation(tmp_path):
     folder = home / "checkpoints" / f"sasrec-{dataset.name}-seed0"
     sasrec.save_pretrained(folder, provenance={"dataset_fingerprint": dataset.fingerprint()})
     table = sasrec.item_embeddings().detach()
-    by_name = rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), dataset)
-    by_path = rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=str(folder)), dataset)
+    by_name = ranker_build.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), dataset)
+    by_path = ranker_build.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=str(folder)), dataset)
     assert torch.equal(by_name, table) and torch.equal(by_path, table)
     ids_npy = tmp_path / "extra.npy"
     import numpy as np
 
     extra = np.arange(dataset.num_items * 3, dtype=np.float32).reshape(dataset.num_items, 3)
     np.save(ids_npy, extra)
-    both = rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=f"sasrec+{ids_npy}", cache_dir=str(home)), dataset)
+    both = ranker_build.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=f"sasrec+{ids_npy}", cache_dir=str(home)), dataset)
     assert both.shape == (dataset.num_items, 11) and torch.equal(both[:, 8:], torch.from_numpy(extra))
     np.save(ids_npy, extra[:-1])
     with pytest.raises(RecipeError, match=r"^item_features: .*extra.npy has shape \(49, 3\); expected \(50, F\)"):
-        rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=str(ids_npy)), dataset)
+        ranker_build.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features=str(ids_npy)), dataset)
     other = make_synthetic_dataset(seed=1)  # same name, other data: the stored SASRec must be refused
     with pytest.raises(RecipeError, match="trained on another version"):
-        rankers.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), other)
+        ranker_build.load_item_features(RankerRecipe(role="student", alpha=0.0, item_features="sasrec", cache_dir=str(home)), other)
 
 
 def test_set_overrides_are_read_as_yaml_values_and_checked():
-    from training.rankers import parse_overrides
-
-    values = parse_overrides(["lr=1e-4", "item_features=minilm", "teacher_scores=null", "lora_targets=[q_proj, v_proj]"])
-    assert values == {"lr": 1e-4, "item_features": "minilm", "teacher_scores": None, "lora_targets": ["q_proj", "v_proj"]}
+    values = parse_overrides(["lr=1e-4", "item_features=minilm", "teacher_scores=null", "lora.target_modules=[q_proj, v_proj]"])
+    assert values == {"lr": 1e-4, "item_features": "minilm", "teacher_scores": None, "lora.target_modules": ["q_proj", "v_proj"]}
     recipe = RankerRecipe.from_yaml("student.yaml", **parse_overrides(["item_features=sasrec", "output_dir=runs/x"]))
     assert (recipe.item_features, recipe.output_dir, recipe.alpha) == ("sasrec", "runs/x", 0.5)
     with pytest.raises(RecipeError, match="^--set: expected FIELD=VALUE"):

@@ -58,20 +58,48 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     _apply_override(section, rest, value)
 
 
-def read_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None):
-    """An instance of the dataclass ``cls`` from a YAML recipe (a bare file name is looked up in
-    ``training/configs``); ``overrides`` win, dotted keys reach into nested sections."""
+def _resolve(path: str | Path, relative_to: Path | None = None) -> Path:
     path = Path(path)
-    if not path.is_file() and (CONFIG_DIR / path).is_file():
-        path = CONFIG_DIR / path
-    if not path.is_file():
-        raise RecipeError("config", f"{path} not found (recipes: {', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
+    for candidate in (path, (relative_to or CONFIG_DIR) / path, CONFIG_DIR / path):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError("config", f"{path} not found (recipes: {', '.join(p.name for p in sorted(CONFIG_DIR.glob('*.yaml')))})")
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` over ``base``; nested sections merge key by key (``None`` replaces a section)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_raw_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's mapping with its ``extends:`` chain resolved: ``extends: student.yaml`` starts
+    from that recipe (looked up next to this file, then in ``training/configs``) and this file's keys
+    win, section by section. A variant names only what it changes."""
+    path = _resolve(path, _seen[-1].parent if _seen else None)
+    if path.resolve() in _seen:
+        raise RecipeError("extends", f"{path} extends itself (chain: {' -> '.join(p.name for p in _seen)})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise RecipeError("config", f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise RecipeError("config", f"{path} must hold a mapping of fields, got {type(raw).__name__}")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError("extends", f"{path}: must be a recipe file name, got {base!r}")
+    return _merge(read_raw_recipe(base, (*_seen, path.resolve())), raw)
+
+
+def read_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None):
+    """An instance of the dataclass ``cls`` from a YAML recipe (a bare file name is looked up in
+    ``training/configs``; ``extends:`` chains are resolved); ``overrides`` win, dotted keys reach into
+    nested sections."""
+    raw = read_raw_recipe(path)
     for key, value in (overrides or {}).items():
         _apply_override(raw, key, value)
     known = {f.name for f in fields(cls)}
