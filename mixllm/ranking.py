@@ -502,7 +502,7 @@ class MixLLMRanker(nn.Module):
         max_history: H, the most recent history items read as item tokens (the H the ranker was
             trained with); None = every history item, limited only by the model's positions. A
             student whose model has the user modality also feeds the last
-            :attr:`user_history_length` items to the user encoder, so a request may hold up to
+            :attr:`user_max_history` items to the user encoder, so a request may hold up to
             :attr:`max_request_history` items.
         fusion: add a learned scalar :attr:`fusion_gate` (0 at init) times the candidates'
             retriever scores to the scores, so a trained ranker can lean on the retriever that
@@ -556,7 +556,7 @@ class MixLLMRanker(nn.Module):
         """Fusion only: final score = ranker score + ``fusion_gate`` * retriever score."""
 
     @property
-    def user_history_length(self) -> int:
+    def user_max_history(self) -> int:
         """How many of a request's most recent history items the user encoder reads
         (``UserConfig.max_history``); 0 when the prompt has no user tokens (a teacher, or a model
         without the user modality)."""
@@ -566,9 +566,9 @@ class MixLLMRanker(nn.Module):
     @property
     def max_request_history(self) -> int | None:
         """The longest history a request may hold: H (``max_history``) item tokens or the user
-        encoder's :attr:`user_history_length`, whichever is longer; None when ``max_history`` is
+        encoder's :attr:`user_max_history`, whichever is longer; None when ``max_history`` is
         None (every history item becomes a token)."""
-        return None if self.max_history is None else max(self.max_history, self.user_history_length)
+        return None if self.max_history is None else max(self.max_history, self.user_max_history)
 
     def _check_catalog(self) -> None:
         if self.mode == "teacher":
@@ -614,7 +614,7 @@ class MixLLMRanker(nn.Module):
         """Tokenize one request (``index`` only names it in error messages).
 
         The last ``max_history`` (H) history items become item tokens; with user tokens, the last
-        :attr:`user_history_length` items are read by the user encoder, from the catalog's
+        :attr:`user_max_history` items are read by the user encoder, from the catalog's
         :attr:`ItemCatalog.user_item_features` (with a token cache too, so those items must be
         catalog rows). A request with no history gets no user tokens."""
         if len(request.candidates) == 0:
@@ -622,10 +622,10 @@ class MixLLMRanker(nn.Module):
         limit = self.max_request_history
         if limit is not None and len(request.history) > limit:
             limits = "max_history"
-            if self.user_history_length:
+            if self.user_max_history:
                 limits = (
                     f"max_history {self.max_history} as item tokens, "
-                    f"user.max_history {self.user_history_length} for the user encoder"
+                    f"user.max_history {self.user_max_history} for the user encoder"
                 )
             raise DataError(
                 f"request {index}: the history has {len(request.history)} items but this ranker reads at most "
@@ -633,7 +633,7 @@ class MixLLMRanker(nn.Module):
             )
         history_ids = [int(i) for i in request.history]
         item_history = history_ids if self.max_history is None else history_ids[-self.max_history :]
-        user_history = history_ids[-self.user_history_length :] if self.user_history_length else []
+        user_history = history_ids[-self.user_max_history :] if self.user_max_history else []
         cached = self.mode == "student" and self.token_cache is not None
         check = self.token_cache.check_rows if cached else self.catalog.check
         history = check(item_history, f"request {index} history")
@@ -874,19 +874,32 @@ class ProtocolRanker(Ranker):
 
     supports_full_ranking = False
 
-    def __init__(self, ranker: MixLLMRanker, name: str, batch_size: int = 8) -> None:
+    def __init__(self, ranker: MixLLMRanker, name: str, batch_size: int = 8, retriever=None) -> None:
         self.ranker, self.name, self.batch_size = ranker.eval(), name, batch_size
         # A ranker without max_history makes every history item a token: it gets the default H.
         self.max_item_history: int = ranker.max_history or DEFAULT_HISTORY_LENGTH
         """H: the most recent history items the ranker reads as item tokens."""
         # Stand-ins for a MixLLMRanker (tests) may have max_history only: no user window then.
         longest = getattr(ranker, "max_request_history", ranker.max_history)
-        self.max_history: int = self.max_item_history if ranker.max_history is None else longest
-        """The most recent history items the ranker reads at all (item tokens and user encoder)."""
+        self.reads: int = self.max_item_history if ranker.max_history is None else longest
+        """The most recent history items the ranker itself reads (item tokens and user encoder)."""
+        fused = getattr(ranker, "fusion_gate", None) is not None
+        if fused and retriever is None:
+            raise DataError(f"{name}: this ranker fuses the retriever's scores; give ProtocolRanker the retriever")
+        self.retriever = retriever if fused else None
+        """A fused ranker's retriever (``mixllm.retrieval.FaissRetriever``): its candidate scores go with each request."""
+        self.max_history: int = max(self.reads, self.retriever.max_history if self.retriever is not None else 0)
+        """What the evaluator supplies: the longest history the ranker or its retriever reads."""
 
     def requests(self, batch: RankingBatch) -> list[RankingRequest]:
-        """One request per row, each history cut to the ``max_history`` most recent items."""
-        return [RankingRequest.from_padded(h, c, self.max_history) for h, c in zip(batch.history, batch.candidates)]
+        """One request per row, each history cut to the most recent items the ranker reads; a fused
+        ranker's requests carry the retriever's scores of their candidates (from the full history)."""
+        requests = [RankingRequest.from_padded(h, c, self.reads) for h, c in zip(batch.history, batch.candidates)]
+        if self.retriever is not None:
+            fused = self.retriever.candidate_scores(batch.history[:, -self.retriever.max_history :], batch.candidates)
+            for request, row in zip(requests, fused.tolist()):
+                request.retriever_scores = row
+        return requests
 
     @torch.inference_mode()
     def score(self, batch: RankingBatch) -> torch.Tensor:

@@ -65,6 +65,15 @@ class FaissRetriever:
             self.index.add(self.item_vectors.contiguous().numpy())
 
     @torch.inference_mode()
+    def candidate_scores(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, C) float32 inner products of SASRec's user vector with each candidate's item vector: the
+        retriever's own score of the items it proposes (what a fused ranker adds, gated, to its score).
+
+        ``history``: (B, L) left-padded (PAD = -1) item indices, most recent last; ``candidates``: (B, C)."""
+        users = self.sasrec.user_vectors(history).float()  # (B, D)
+        return torch.einsum("bd,bcd->bc", users, self.item_vectors[candidates])  # (B, C)
+
+    @torch.inference_mode()
     def top_k(self, history: torch.Tensor, allowed: np.ndarray, k: int) -> np.ndarray:
         """(B, k) item ids, best first, drawn only from ``allowed`` (B, N) bool.
 

@@ -124,7 +124,7 @@ def test_cli_report_rows_users_and_metrics(setup, report):
     assert data["users"] == NUM_USERS and data["dataset"]["name"] == DATASET_NAME and data["seeds"] == list(SEEDS)
     assert data["teacher_users"] == {"sampled-20": T20, "sampled-100": T100, "full": T100}
     assert [rows[n]["kind"] for n in NAMES] == ["popularity", "sasrec", "teacher", "student", "student"]
-    assert rows["student (labels only, ids)"]["history_length"] == 3 and rows["teacher"]["history_length"] == 4
+    assert rows["student (labels only, ids)"]["max_history"] == 3 and rows["teacher"]["max_history"] == 4
     for name, row in rows.items():
         teacher = name == "teacher"
         expected_users = {"sampled-20": T20, "sampled-100": T100, "full": T100} if teacher else dict.fromkeys(

@@ -59,11 +59,11 @@ def test_listwise_losses_are_invariant_to_a_shift_shared_by_all_candidates(shift
     scores = torch.randn(6, 10, generator=generator) * 2
     teacher = torch.randn(6, 10, generator=generator) * 2
     target = torch.randint(0, 10, (6,), generator=generator)
-    for teacher_scores, alpha in ((None, 0.0), (teacher, 0.5), (teacher, 1.0)):
+    for scores_of_teacher, alpha in ((None, 0.0), (teacher, 0.5), (teacher, 1.0)):
         base = scores.clone().requires_grad_(True)
         moved = (scores + shift).requires_grad_(True)
-        loss, parts = ranking_loss(base, target, teacher_scores, temperature=2.0, alpha=alpha)
-        loss_moved, parts_moved = ranking_loss(moved, target, teacher_scores, temperature=2.0, alpha=alpha)
+        loss, parts = ranking_loss(base, target, scores_of_teacher, temperature=2.0, alpha=alpha)
+        loss_moved, parts_moved = ranking_loss(moved, target, scores_of_teacher, temperature=2.0, alpha=alpha)
         assert torch.allclose(loss, loss_moved, atol=1e-4), (alpha, loss, loss_moved)
         for name in parts:
             assert torch.allclose(parts[name], parts_moved[name], atol=1e-4), name
@@ -71,8 +71,8 @@ def test_listwise_losses_are_invariant_to_a_shift_shared_by_all_candidates(shift
         loss_moved.backward()
         assert torch.allclose(base.grad, moved.grad, atol=1e-5)
         assert torch.all(base.grad.sum(-1).abs() < 1e-6)  # the gradient a shared bias would get: zero
-        if teacher_scores is not None:  # shifting the teacher's scores does not change the KL either
-            _, shifted_teacher = ranking_loss(scores, target, teacher_scores + shift, temperature=2.0, alpha=alpha)
+        if scores_of_teacher is not None:  # shifting the teacher's scores does not change the KL either
+            _, shifted_teacher = ranking_loss(scores, target, scores_of_teacher + shift, temperature=2.0, alpha=alpha)
             assert torch.allclose(shifted_teacher["kl"], parts["kl"], atol=1e-4)
     # The check is not vacuous: shifting one candidate only does change the loss.
     one = scores.clone()

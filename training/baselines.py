@@ -118,7 +118,7 @@ def run_baselines(
             start = time.perf_counter()
             record["metrics"] = evaluate_protocols(ranker, split, seed, cache_dir=cache_dir)
             record["eval_time_s"] = time.perf_counter() - start
-            record["history_length"] = ranker.max_history
+            record["max_history"] = ranker.max_history
             if name == "sasrec":
                 directory = sasrec_checkpoint_dir(data.name, seed)
                 if checkpoint_dir is not None:  # --checkpoint-dir stands for $MIXLLM_HOME/checkpoints
@@ -201,7 +201,7 @@ def summarize(runs: list[dict]) -> dict:
             for key in ("train_time_s", "time_to_best_s", "eval_time_s")
             if all(key in r for r in model_runs)
         }
-        entry["history_length"] = model_runs[0]["history_length"]
+        entry["max_history"] = model_runs[0]["max_history"]
         summary[model] = entry
     return summary
 
@@ -238,7 +238,7 @@ def metric_table(report: dict, which: str) -> str:
         for protocol, metric, _ in TABLE_COLUMNS:
             stats = entry[which].get(protocol, {}).get(metric)
             cells.append("n/a" if stats is None else f"{stats['mean']:.4f} ± {stats['std']:.4f}")
-        lines.append(f"| {MODEL_LABELS.get(model, model)} | {entry['history_length']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {MODEL_LABELS.get(model, model)} | {entry['max_history']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -88,10 +88,11 @@ def load_or_train_sasrec(dataset: InteractionDataset, seed: int, cache_dir: str 
     return load_sasrec(dataset, seed, cache_dir)
 
 
-def hard_negative_retriever(recipe: RankerRecipe, dataset: InteractionDataset):
-    """(retriever, name) for ``hard_negatives > 0``: FAISS over the baselines' SASRec of ``seed`` (the
-    retriever the reranker serves behind), trained first if missing; else (None, None)."""
-    if recipe.hard_negatives == 0:
+def recipe_retriever(recipe: RankerRecipe, dataset: InteractionDataset):
+    """(retriever, name) when the recipe needs one (hard negatives, score fusion): FAISS over the
+    baselines' SASRec of ``seed`` (the retriever the reranker serves behind), trained first if
+    missing; else (None, None)."""
+    if recipe.hard_negatives == 0 and not recipe.fusion:
         return None, None
     from mixllm.retrieval import FaissRetriever
 
@@ -132,7 +133,7 @@ def build_ranker(recipe: RankerRecipe, dataset: InteractionDataset) -> MixLLMRan
             raise RecipeError("lora.target_modules", str(error)) from None
         raise
     catalog = ItemCatalog(texts=dataset.item_texts, features=features)
-    return MixLLMRanker(model, processor, catalog, mode=recipe.role, max_history=recipe.max_history)
+    return MixLLMRanker(model, processor, catalog, mode=recipe.role, max_history=recipe.max_history, fusion=recipe.fusion)
 
 
 def save_ranker(ranker: MixLLMRanker, path: Path, provenance: dict[str, Any]) -> Path:

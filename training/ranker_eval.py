@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from mixllm.data import PROTOCOLS, LeaveOneOutSplit, get_candidates, leave_one_out, load_dataset
-from mixllm.data.evaluation import Ranker, make_batch
+from mixllm.data.evaluation import Ranker, RankingBatch, make_batch
 from mixllm.errors import MixLLMError
 from mixllm.features import sasrec_checkpoint_dir
 from mixllm.metrics import ranking_metrics
@@ -260,19 +260,20 @@ class SpeedResult:
     memory_kind: str = ""
 
 
-def own_batches(ranker: ProtocolRanker, requests: list[RankingRequest], batch_size: int) -> list[list[RankingRequest]]:
-    """``requests`` in batches, each history cut to the ``max_history`` most recent items ``ranker`` reads."""
-    cut = [RankingRequest.from_padded(q.history, q.candidates, ranker.max_history) for q in requests]
-    return [cut[i : i + batch_size] for i in range(0, len(cut), batch_size)]
+def own_batches(ranker: ProtocolRanker, batch: RankingBatch, batch_size: int) -> list[list[RankingRequest]]:
+    """``ranker``'s own requests of ``batch`` (histories cut to what it reads, a fused ranker's retriever
+    scores attached), in batches of ``batch_size``."""
+    requests = ranker.requests(batch)
+    return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
 
 
 @torch.inference_mode()
-def measure_speed(rankers: list[ProtocolRanker], requests: list[RankingRequest], batch_size: int,
+def measure_speed(rankers: list[ProtocolRanker], batch: RankingBatch, batch_size: int,
                   device: torch.device) -> dict[str, SpeedResult]:
     """Time ``prepare`` + forward per batch for every ranker, taking turns batch by batch. On a GPU
     also each ranker's peak allocated memory over one pass on its own (on a CPU see
     :func:`probe_cpu_memory`)."""
-    own = {r.name: own_batches(r, requests, batch_size) for r in rankers}
+    own = {r.name: own_batches(r, batch, batch_size) for r in rankers}
     results = {r.name: SpeedResult() for r in rankers}
     for r in rankers:  # warm-up: first-call allocations and kernel choices stay out of the timings
         r.ranker(r.ranker.prepare(own[r.name][0]).to(device))
@@ -406,7 +407,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         name, path = _parse_checkpoint(spec)
         ranker, run = load_checkpoint(path, dataset.item_texts)
         ranker.to(device)
-        wrapped = ProtocolRanker(ranker, name or _default_name(ranker, run), args.batch_size)
+        wrapped = ProtocolRanker(ranker, name or _default_name(ranker, run), args.batch_size,
+                                 retriever=retriever if ranker.fusion_gate is not None else None)  # fmt: skip
         llm_rankers.append(wrapped)
         paths[wrapped.name] = path
         recipe = run.get("recipe", {})
@@ -453,7 +455,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             users[protocol] = len(chosen)
             log.info("%s %s (%d users, %.0fs): %s", meta["name"], protocol, len(chosen), times[protocol],
                      ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}" for m, v in metrics[protocol].items()))  # fmt: skip
-        rows.append({**meta, "history_length": ranker.max_history, "users": users, "metrics": metrics,
+        rows.append({**meta, "max_history": getattr(ranker, "max_item_history", ranker.max_history), "users": users, "metrics": metrics,
                      "metrics_common_users": common, **({"full_by_depth": by_depth} if by_depth else {}),
                      "eval_time_s": times})  # fmt: skip
 
@@ -471,12 +473,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                                None if args.cache_dir is None else Path(args.cache_dir) / "candidates")  # fmt: skip
         speed_users = np.arange(min(args.speed_requests, split.num_users))
         batch = make_batch(split, SPLIT, speed_users, max(r.max_history for r in llm_rankers), lists.candidates[speed_users])
-        longest = max(llm_rankers, key=lambda r: r.max_history)
-        requests = longest.requests(batch)
-        results = measure_speed(llm_rankers, requests, args.speed_batch_size, device)
+        results = measure_speed(llm_rankers, batch, args.speed_batch_size, device)
         if device.type == "cpu":  # each model alone in a fresh process, two batches of the same requests
             for r in llm_rankers:
-                memory = probe_cpu_memory(paths[r.name], dataset.item_texts, own_batches(r, requests, args.speed_batch_size)[:2],
+                memory = probe_cpu_memory(paths[r.name], dataset.item_texts, own_batches(r, batch, args.speed_batch_size)[:2],
                                           torch.get_num_threads())  # fmt: skip
                 results[r.name].peak_memory_mb = memory["peak_rss_mb"]
                 results[r.name].loaded_memory_mb = memory["loaded_rss_mb"]
@@ -605,7 +605,7 @@ def render_markdown(report: dict) -> str:
             f"{speed['prompt_tokens_per_request']:.0f}", f"{speed['requests_per_s']:.2f}", f"{speed['candidates_per_s']:.0f}",
             "—" if speed["peak_memory_mb"] is None else f"{speed['peak_memory_mb']:.0f}",
         ]  # fmt: skip
-        lines.append("| " + " | ".join([row["name"], str(row["history_length"])] + [cell(row, p, m) for p, m in TABLE_COLUMNS] + extra) + " |")
+        lines.append("| " + " | ".join([row["name"], str(row["max_history"])] + [cell(row, p, m) for p, m in TABLE_COLUMNS] + extra) + " |")
     t = report["teacher_users"]
     lines += ["", f"On the teacher's users (first {t['sampled-20']} for sampled-20, first {t['sampled-100']} for the others):", "",
               "| Model | " + " | ".join(f"{p} {m}" for p, m in TABLE_COLUMNS) + " |", "|" + "---|" * (len(TABLE_COLUMNS) + 1)]  # fmt: skip

@@ -107,6 +107,9 @@ class RankerRecipe:
     user: UserConfig | None = None
     """Student only: user-history tokens (``mixllm.config.UserConfig``: num_tokens m, max_history, ...);
     null = none."""
+    fusion: bool = False
+    """Score fusion: the ranker's score plus a learned gate (starting at 0) times the retriever's
+    (SASRec's) score of each candidate. False = the LLM's score alone."""
 
     # --- optimisation and distillation ---
     lr: float = 1e-3

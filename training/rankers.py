@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mixllm.data import leave_one_out
 from mixllm.metrics import ranking_metrics
 from mixllm.ranking import MixLLMRanker, RankingInputs
-from training.ranker_build import build_ranker, hard_negative_retriever, history_width, load_recipe_dataset, save_ranker
+from training.ranker_build import build_ranker, recipe_retriever, history_width, load_recipe_dataset, save_ranker
 from training.ranker_recipe import RankerRecipe
 from training.ranking_lists import RankerDataModule, build_training_lists, build_validation_lists
 from training.recipe import RecipeError, keep_trainable_only, parse_overrides, start_run
@@ -127,15 +127,15 @@ def train_ranker(recipe: RankerRecipe, resume: str | Path | None = None) -> Trai
     dataset = load_recipe_dataset(recipe)
     split = leave_one_out(dataset)
     width = history_width(recipe)
-    retriever, retriever_id = hard_negative_retriever(recipe, dataset)
-    train_lists = build_training_lists(split, recipe, width, retriever, retriever_id)
-    val_lists = build_validation_lists(split, recipe, width)
+    retriever, retriever_id = recipe_retriever(recipe, dataset)
+    train_lists = build_training_lists(split, recipe, width, retriever, retriever_id, fusion=recipe.fusion)
+    val_lists = build_validation_lists(split, recipe, width, retriever if recipe.fusion else None)
     del retriever
     teacher_scores = None
     if recipe.role == "student" and recipe.alpha > 0:
         if not Path(recipe.teacher_scores).is_file() and not _is_global_zero():
             raise RecipeError("teacher_scores", "missing on a non-zero rank: score the lists before launching DDP")
-        train_lists, teacher_scores = ensure_teacher_scores(recipe, train_lists, dataset.item_texts)
+        _, teacher_scores = ensure_teacher_scores(recipe, train_lists, dataset.item_texts)  # checked: the same lists
     ranker = build_ranker(recipe, dataset)
     module = RankerModule(ranker, recipe)
     data = RankerDataModule(ranker, recipe, train_lists, val_lists, teacher_scores)

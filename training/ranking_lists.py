@@ -49,6 +49,25 @@ class Retriever(Protocol):
     def top_k(self, history: torch.Tensor, allowed: np.ndarray, k: int) -> np.ndarray:
         """(B, k) item ids, best first, among ``allowed`` (B, N) bool; ``history`` (B, L) left-padded with PAD."""
 
+    def candidate_scores(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, C) the retriever's score of each candidate (score fusion)."""
+
+
+def retriever_scores(split: LeaveOneOutSplit, retriever: Retriever, users: np.ndarray, ends: np.ndarray | None,
+                     candidates: np.ndarray, which: str = "train", batch_size: int = 512) -> np.ndarray:  # fmt: skip
+    """(N, C) float32 retriever scores of ``candidates``, each row's retriever reading its own
+    ``max_history`` items before the target: training position ``ends[i]`` of ``users[i]``'s training
+    sequence (``which="train"``), or the ``which`` split's target (``ends`` None)."""
+    out = np.empty(candidates.shape, dtype=np.float32)
+    for start in range(0, len(users), batch_size):
+        block = slice(start, start + batch_size)
+        if which == "train":
+            history = _histories(split, users[block], ends[block], retriever.max_history)
+        else:
+            history = split.histories(which, retriever.max_history, users[block])
+        out[block] = retriever.candidate_scores(torch.from_numpy(history), torch.from_numpy(candidates[block])).numpy()
+    return out
+
 
 @dataclass
 class CandidateListSet:
@@ -66,6 +85,8 @@ class CandidateListSet:
     """Hash of what the lists were built from (dataset, list settings, seed)."""
     hard: np.ndarray | None = None
     """(N, 1 + pool) bool: True at negatives taken from the retriever's top-k; None = no hard negatives."""
+    retriever_scores: np.ndarray | None = None
+    """(N, 1 + pool) float32: the retriever's score of each candidate (for a fused ranker); None = none."""
 
     def __len__(self) -> int:
         return len(self.users)
@@ -148,17 +169,19 @@ def _histories(split: LeaveOneOutSplit, users: np.ndarray, positions: np.ndarray
 
 
 def build_training_lists(split: LeaveOneOutSplit, recipe: RankerRecipe, history_width: int | None = None,
-                         retriever: Retriever | None = None, retriever_id: str | None = None,
+                         retriever: Retriever | None = None, retriever_id: str | None = None, fusion: bool = False,
                          batch_size: int = 512) -> CandidateListSet:  # fmt: skip
     """The training lists of ``recipe`` (see the module doc). ``history_width`` is the longest history
     the model reads (default ``max_history``; longer with user tokens); ``retriever`` is needed when
-    ``hard_negatives > 0`` and reads its own ``max_history`` items before each target (``retriever_id``
-    names it in the lists' key)."""
+    ``hard_negatives > 0`` or ``fusion`` (its score of every pool candidate is stored) and reads its own
+    ``max_history`` items before each target (``retriever_id`` names it in the lists' key)."""
     width = history_width or recipe.max_history
     pool = recipe.pool_size
     n_hard_pool = int(round(recipe.hard_negatives * pool))
     if n_hard_pool and retriever is None:
         raise RecipeError("hard_negatives", "needs a retriever (SASRec) to take hard negatives from")
+    if fusion and retriever is None:
+        raise RecipeError("fusion", "needs the retriever (SASRec) whose scores the ranker fuses")
     if n_hard_pool > recipe.hard_pool:
         raise RecipeError("hard_pool", f"holds {recipe.hard_pool} items but a list's pool takes {n_hard_pool} hard negatives from it")
     rng = np.random.default_rng([recipe.seed, LISTS_VERSION])
@@ -191,17 +214,22 @@ def build_training_lists(split: LeaveOneOutSplit, recipe: RankerRecipe, history_
         if hard is not None:
             hard[row] = (order >= 1) & (order <= n_hard_pool)
     key = training_lists_key(split, recipe, width, retriever_id)
-    return CandidateListSet(users.astype(np.int64), histories, candidates, target_index, key, hard)
+    fused = retriever_scores(split, retriever, users, positions, candidates, batch_size=batch_size) if fusion else None
+    return CandidateListSet(users.astype(np.int64), histories, candidates, target_index, key, hard, fused)
 
 
-def build_validation_lists(split: LeaveOneOutSplit, recipe: RankerRecipe, history_width: int | None = None) -> CandidateListSet:
-    """The validation targets with the protocol's cached candidate lists (``val_protocol``)."""
+def build_validation_lists(split: LeaveOneOutSplit, recipe: RankerRecipe, history_width: int | None = None,
+                           retriever: Retriever | None = None) -> CandidateListSet:  # fmt: skip
+    """The validation targets with the protocol's cached candidate lists (``val_protocol``); with a
+    ``retriever`` (score fusion) its scores of the candidates too."""
     cache = None if recipe.cache_dir is None else Path(recipe.cache_dir) / "candidates"
     lists = get_candidates(split, PROTOCOLS[recipe.val_protocol], "valid", recipe.seed, cache)
     n = split.num_users if recipe.limit_val_users is None else min(recipe.limit_val_users, split.num_users)
     users = np.arange(n)
     histories = split.histories("valid", history_width or recipe.max_history, users)
-    return CandidateListSet(users, histories, lists.candidates[:n], lists.target_index[:n], lists.key)
+    candidates = lists.candidates[:n]
+    fused = None if retriever is None else retriever_scores(split, retriever, users, None, candidates, "valid")
+    return CandidateListSet(users, histories, candidates, lists.target_index[:n], lists.key, retriever_scores=fused)
 
 
 class _Rows(Dataset):
@@ -234,6 +262,10 @@ class ListCollator:
         candidates = np.take_along_axis(self.lists.candidates[rows_np], columns, 1)
         target_index = np.argmax(columns == self.lists.target_index[rows_np, None], axis=1)
         requests = [RankingRequest.from_padded(self.lists.histories[r], c) for r, c in zip(rows_np, candidates)]
+        if self.lists.retriever_scores is not None:
+            fused = np.take_along_axis(self.lists.retriever_scores[rows_np], columns, 1)
+            for request, row in zip(requests, fused):
+                request.retriever_scores = row.tolist()
         teacher = None
         if self.teacher_scores is not None:
             teacher = torch.gather(self.teacher_scores[torch.from_numpy(rows_np)], 1, torch.from_numpy(columns))

@@ -1,0 +1,85 @@
+"""A student with user-history tokens and score fusion, trained through the recipe and evaluated
+through the protocol interface (tiny random Llama, synthetic data, a tiny stored SASRec; seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixllm.baselines.sasrec import SASRec, SASRecConfig
+from mixllm.data import leave_one_out, make_synthetic_dataset
+from mixllm.data.evaluation import make_batch
+from mixllm.features import sasrec_checkpoint_dir
+from mixllm.ranking import MixLLMRanker, ProtocolRanker
+from mixllm.retrieval import FaissRetriever
+from training.ranker_build import history_width, recipe_retriever
+from training.ranker_recipe import RankerRecipe
+from training.ranking_lists import build_training_lists
+from training.rankers import train_ranker
+from training.recipe import RecipeError
+
+DATASET = make_synthetic_dataset(seed=0)
+SPLIT = leave_one_out(DATASET)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A cache root holding a tiny SASRec for seed 0 and a random 12-wide item feature table."""
+    root = tmp_path_factory.mktemp("home")
+    torch.manual_seed(0)
+    sasrec = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden_size=8, max_len=7))
+    sasrec.save_pretrained(sasrec_checkpoint_dir(DATASET.name, 0, root), provenance={"dataset_fingerprint": DATASET.fingerprint()})
+    np.save(root / "features.npy", np.random.default_rng(0).normal(size=(DATASET.num_items, 12)).astype(np.float32))
+    return root
+
+
+def _recipe(home, tmp_path, **overrides) -> RankerRecipe:
+    return RankerRecipe.from_yaml(
+        "student_tiny.yaml", cache_dir=str(home), output_dir=str(tmp_path / "student"), alpha=0.0, teacher_scores=None,
+        teacher_checkpoint=None, item_features=str(home / "features.npy"), item_id_embedding=False,
+        user={"num_tokens": 2, "max_history": 6, "hidden_dim": 16, "num_heads": 2}, fusion=True, **overrides,
+    )  # fmt: skip
+
+
+def test_fused_lists_store_the_retrievers_score_of_every_candidate(home, tmp_path):
+    recipe = _recipe(home, tmp_path, negative_pool=6)
+    retriever, name = recipe_retriever(recipe, DATASET)
+    assert isinstance(retriever, FaissRetriever) and name == "sasrec:synthetic:seed0"
+    lists = build_training_lists(SPLIT, recipe, history_width(recipe), retriever, name, fusion=True)
+    assert lists.histories.shape[1] == 6  # the user encoder's window, longer than H = 4
+    for row in (0, 5, len(lists) - 1):  # recompute from the full history before the target
+        seq = SPLIT.train_sequence(lists.users[row]).tolist()
+        t = seq.index(int(lists.candidates[row, lists.target_index[row]]))
+        history = torch.full((1, 7), -1)
+        past = seq[max(0, t - 7) : t]
+        history[0, 7 - len(past) :] = torch.tensor(past)
+        expected = retriever.candidate_scores(history, torch.from_numpy(lists.candidates[row : row + 1]))[0]
+        torch.testing.assert_close(torch.from_numpy(lists.retriever_scores[row]), expected)
+    with pytest.raises(RecipeError, match="^fusion: needs the retriever"):
+        build_training_lists(SPLIT, recipe, fusion=True)
+
+
+def test_user_tokens_and_gate_train_and_score_through_the_protocol_interface(home, tmp_path):
+    result = train_ranker(_recipe(home, tmp_path, max_steps=3))
+    ranker = result.ranker.eval()
+    assert ranker.model.config.user.item_dim == 12 and ranker.model.config.user.num_tokens == 2
+    assert ranker.fusion_gate is not None and float(ranker.fusion_gate.detach()) != 0.0  # the gate left 0: it trained
+    assert ranker.max_history == 4 and ranker.max_request_history == 6
+    reloaded = MixLLMRanker.from_pretrained(result.ranker_dir, ranker.catalog)
+    assert float(reloaded.fusion_gate.detach()) == float(ranker.fusion_gate.detach())
+
+    retriever = FaissRetriever(SASRec.from_pretrained(sasrec_checkpoint_dir(DATASET.name, 0, home)))
+    with pytest.raises(Exception, match="retriever"):
+        ProtocolRanker(reloaded, "fused")
+    wrapped = ProtocolRanker(reloaded, "fused", retriever=retriever)
+    assert wrapped.max_history == 7  # the evaluator supplies what SASRec reads
+    users = np.arange(6)
+    candidates = np.stack([np.roll(np.arange(10), u) for u in users])
+    batch = make_batch(SPLIT, "test", users, wrapped.max_history, candidates)
+    fused = wrapped.score(batch)
+    sasrec_scores = retriever.candidate_scores(batch.history, batch.candidates)
+    with torch.no_grad():
+        reloaded.fusion_gate.zero_()
+        alone = wrapped.score(batch)
+    torch.testing.assert_close(fused, alone + float(ranker.fusion_gate.detach()) * sasrec_scores, atol=1e-5, rtol=1e-5)
