@@ -107,6 +107,11 @@ class RankerRecipe:
     user: UserConfig | None = None
     """Student only: user-history tokens (``mixllm.config.UserConfig``: num_tokens m, max_history, ...);
     null = none."""
+    cold_item_rate: float = 0.0
+    """Share of item occurrences (as history or candidate tokens) whose SASRec part of the features is
+    zeroed while training -- the service's rule for an item added later, which has text but no
+    collaborative vector -- so the student learns to rank such items too. 0 = off; needs "sasrec" in
+    ``item_features``."""
     fusion: bool = False
     """Score fusion: the ranker's score plus a learned gate (starting at 0) times the retriever's
     (SASRec's) score of each candidate. False = the LLM's score alone."""
@@ -180,6 +185,10 @@ class RankerRecipe:
                 _check_int(name, getattr(self, name), "or null")
         if self.negative_pool is not None and self.negative_pool < self.num_negatives:
             raise RecipeError("negative_pool", f"must be >= num_negatives ({self.num_negatives}) or null, got {self.negative_pool}")
+        if not 0 <= self.cold_item_rate < 1:
+            raise RecipeError("cold_item_rate", f"must be a share in [0, 1), got {self.cold_item_rate!r}")
+        if self.cold_item_rate > 0 and "sasrec" not in parse_feature_spec(self.item_features):
+            raise RecipeError("cold_item_rate", f"zeroes the SASRec part of the features, but item_features is {self.item_features!r}")
         if not 0 <= self.hard_negatives <= 1:
             raise RecipeError("hard_negatives", f"must be a share in [0, 1], got {self.hard_negatives!r}")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mixllm.data import PAD, PROTOCOLS, LeaveOneOutSplit, get_candidates
+from mixllm.features import FeatureLayout
 from mixllm.ranking import MixLLMRanker, RankingRequest
 from training.ranker_recipe import RankerRecipe
 from training.recipe import RecipeError
@@ -246,11 +247,13 @@ class _Rows(Dataset):
 class ListCollator:
     """List indices -> ``{"inputs": RankingInputs, "target_index": (B,), "teacher_scores": (B, C) | None}``.
 
-    ``epoch`` (set by the training module at each epoch's start) seeds which pool negatives are drawn."""
+    ``epoch`` (set by the training module at each epoch's start) seeds which pool negatives are drawn
+    and, with ``cold_item_rate``, which item tokens lose their SASRec part (columns ``cold_columns``)."""
 
     def __init__(self, ranker: MixLLMRanker, lists: CandidateListSet, teacher_scores: torch.Tensor | None = None,
-                 recipe: RankerRecipe | None = None) -> None:  # fmt: skip
+                 recipe: RankerRecipe | None = None, cold_columns: slice | None = None) -> None:  # fmt: skip
         self.ranker, self.lists, self.teacher_scores, self.recipe = ranker, lists, teacher_scores, recipe
+        self.cold_columns = cold_columns
         self.epoch = 0
 
     def __call__(self, rows: list[int]) -> dict[str, Any]:
@@ -269,7 +272,13 @@ class ListCollator:
         teacher = None
         if self.teacher_scores is not None:
             teacher = torch.gather(self.teacher_scores[torch.from_numpy(rows_np)], 1, torch.from_numpy(columns))
-        return {"inputs": self.ranker.prepare(requests), "target_index": torch.from_numpy(target_index), "teacher_scores": teacher}
+        inputs = self.ranker.prepare(requests)
+        if self.cold_columns is not None and inputs.item_features is not None:
+            rng = np.random.default_rng([self.recipe.seed, self.epoch, int(rows_np[0]), len(rows_np), LISTS_VERSION])
+            cold = torch.from_numpy(rng.random(len(inputs.item_features)) < self.recipe.cold_item_rate)
+            inputs.item_features = inputs.item_features.clone()
+            inputs.item_features[cold, self.cold_columns] = 0.0
+        return {"inputs": inputs, "target_index": torch.from_numpy(target_index), "teacher_scores": teacher}
 
 
 class RankerDataModule(L.LightningDataModule):
@@ -279,7 +288,11 @@ class RankerDataModule(L.LightningDataModule):
                  val_lists: CandidateListSet, teacher_scores: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         self.recipe = recipe
-        self.train_collate = ListCollator(ranker, train_lists, teacher_scores, recipe)
+        cold = None
+        if recipe.cold_item_rate > 0:
+            width = ranker.catalog.features.shape[1]
+            cold = FeatureLayout.from_spec(recipe.item_features, width).slice("sasrec")
+        self.train_collate = ListCollator(ranker, train_lists, teacher_scores, recipe, cold)
         self.val_collate = ListCollator(ranker, val_lists)
         self.num_train, self.num_val = len(train_lists), len(val_lists)
 

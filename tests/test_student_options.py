@@ -1,5 +1,6 @@
-"""A student with user-history tokens and score fusion, trained through the recipe and evaluated
-through the protocol interface (tiny random Llama, synthetic data, a tiny stored SASRec; seconds)."""
+"""The student's options trained through the recipe: user-history tokens, score fusion (evaluated
+through the protocol interface) and cold-item training (tiny random Llama, synthetic data, a tiny
+stored SASRec; seconds)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from mixllm.data.evaluation import make_batch
 from mixllm.features import sasrec_checkpoint_dir
 from mixllm.ranking import MixLLMRanker, ProtocolRanker
 from mixllm.retrieval import FaissRetriever
-from training.ranker_build import history_width, recipe_retriever
+from training.ranker_build import build_ranker, history_width, recipe_retriever
 from training.ranker_recipe import RankerRecipe
-from training.ranking_lists import build_training_lists
+from training.ranking_lists import ListCollator, RankerDataModule, build_training_lists, build_validation_lists
 from training.rankers import train_ranker
 from training.recipe import RecipeError
 
@@ -35,11 +36,12 @@ def home(tmp_path_factory):
 
 
 def _recipe(home, tmp_path, **overrides) -> RankerRecipe:
-    return RankerRecipe.from_yaml(
-        "student_tiny.yaml", cache_dir=str(home), output_dir=str(tmp_path / "student"), alpha=0.0, teacher_scores=None,
-        teacher_checkpoint=None, item_features=str(home / "features.npy"), item_id_embedding=False,
-        user={"num_tokens": 2, "max_history": 6, "hidden_dim": 16, "num_heads": 2}, fusion=True, **overrides,
-    )  # fmt: skip
+    fields = {
+        "cache_dir": str(home), "output_dir": str(tmp_path / "student"), "alpha": 0.0, "teacher_scores": None,
+        "teacher_checkpoint": None, "item_features": str(home / "features.npy"), "item_id_embedding": False,
+        "user": {"num_tokens": 2, "max_history": 6, "hidden_dim": 16, "num_heads": 2}, "fusion": True,
+    }  # fmt: skip
+    return RankerRecipe.from_yaml("student_tiny.yaml", **{**fields, **overrides})
 
 
 def test_fused_lists_store_the_retrievers_score_of_every_candidate(home, tmp_path):
@@ -83,3 +85,30 @@ def test_user_tokens_and_gate_train_and_score_through_the_protocol_interface(hom
         reloaded.fusion_gate.zero_()
         alone = wrapped.score(batch)
     torch.testing.assert_close(fused, alone + float(ranker.fusion_gate.detach()) * sasrec_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_cold_item_training_zeroes_only_the_sasrec_part_of_some_item_tokens(home, tmp_path):
+    spec = f"{home / 'features.npy'}+sasrec"  # 12 feature columns, then SASRec's 8
+    recipe = _recipe(home, tmp_path, item_features=spec, user=None, fusion=False, cold_item_rate=0.4, negative_pool=None)
+    ranker = build_ranker(recipe, DATASET)
+    table = ranker.catalog.features
+    assert table.shape[1] == 20
+    lists = build_training_lists(SPLIT, recipe)
+    data = RankerDataModule(ranker, recipe, lists, build_validation_lists(SPLIT, recipe))
+    rows = list(range(16))
+    batch = data.train_collate(rows)
+    got = batch["inputs"].item_features
+    warm = ListCollator(ranker, lists, None, recipe)(rows)["inputs"].item_features  # the same lists, no cold columns
+    assert got.shape == warm.shape and got.shape[0] > 16 * 5  # every candidate and the histories (short ones too)
+    torch.testing.assert_close(got[:, :12], warm[:, :12])  # the text part is never touched
+    cold = (got[:, 12:] == 0).all(1) & (warm[:, 12:] != 0).any(1)
+    assert torch.equal(got[~cold], warm[~cold])  # every other token is its catalog row
+    assert 0.2 < cold.float().mean() < 0.6  # about cold_item_rate of ~130 tokens
+    again = data.train_collate(rows)["inputs"].item_features
+    assert torch.equal(again, got)  # seeded: the same batch of the same epoch drops the same tokens
+    data.set_epoch(1)
+    assert not torch.equal(data.train_collate(rows)["inputs"].item_features, got)
+    val = data.val_collate(rows[:4])["inputs"].item_features
+    assert not (val[:, 12:] == 0).all(1).any()  # validation reads warm items
+    with pytest.raises(RecipeError, match="^cold_item_rate: zeroes the SASRec part"):
+        _recipe(home, tmp_path, item_features=str(home / "features.npy"), cold_item_rate=0.4)
