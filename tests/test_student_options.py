@@ -112,3 +112,22 @@ def test_cold_item_training_zeroes_only_the_sasrec_part_of_some_item_tokens(home
     assert not (val[:, 12:] == 0).all(1).any()  # validation reads warm items
     with pytest.raises(RecipeError, match="^cold_item_rate: zeroes the SASRec part"):
         _recipe(home, tmp_path, item_features=str(home / "features.npy"), cold_item_rate=0.4)
+
+
+def test_sasrec_as_the_teacher_needs_no_llm_teacher_and_distils_its_scores(home, tmp_path, monkeypatch):
+    import training.rankers as loop
+
+    recipe = _recipe(home, tmp_path, user=None, fusion=False, alpha=1.0, teacher="sasrec", teacher_weighting="confidence",
+                     max_steps=2)  # fmt: skip
+    assert recipe.teacher_scores is None and recipe.needs_retriever_scores and not recipe.uses_llm_teacher
+    seen = []
+    original = loop.ranking_loss
+
+    def spy(scores, target, teachers, *args):
+        seen.append(teachers)
+        return original(scores, target, teachers, *args)
+
+    monkeypatch.setattr(loop, "ranking_loss", spy)
+    result = train_ranker(recipe)
+    assert result.global_step == 2 and "train/kl" in result.metrics
+    assert seen and all(len(t) == 1 and t[0].shape[1] == 5 for t in seen)  # SASRec's scores of the 5 candidates

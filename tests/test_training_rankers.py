@@ -45,6 +45,26 @@ def test_loss_ce_kl_and_labels_only_ablation():
     assert parts["kl"] > 0.1
 
 
+def test_two_teachers_average_their_kl_and_confidence_weights_each_list():
+    generator = torch.Generator().manual_seed(1)
+    scores, a, b = (torch.randn(5, 6, generator=generator) for _ in range(3))
+    target = torch.tensor([0, 3, 5, 1, 2])
+    kl_a = ranking_loss(scores, target, a, temperature=2.0, alpha=1.0)[1]["kl"]
+    kl_b = ranking_loss(scores, target, b, temperature=2.0, alpha=1.0)[1]["kl"]
+    torch.testing.assert_close(ranking_loss(scores, target, [a, b], temperature=2.0, alpha=1.0)[1]["kl"], (kl_a + kl_b) / 2)
+    # confidence: by hand, per list KL times the teacher's probability of the target over its batch mean
+    student, teacher = (x.div(2.0).log_softmax(-1) for x in (scores, a))
+    per_list = (teacher.exp() * (teacher - student)).sum(-1) * 4.0
+    confidence = a.softmax(-1)[torch.arange(5), target]
+    expected = (per_list * confidence / confidence.mean()).mean()
+    got = ranking_loss(scores, target, a, temperature=2.0, alpha=1.0, weighting="confidence")[1]["kl"]
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, kl_a)  # the weighting changes the loss
+    # a teacher that is equally confident on every list is the uniform loss
+    flat = torch.zeros(5, 6)
+    torch.testing.assert_close(ranking_loss(scores, target, flat, 2.0, 1.0, "confidence")[0], ranking_loss(scores, target, flat, 2.0, 1.0)[0])
+
+
 @pytest.mark.parametrize("shift", [-50.0, -1.0, 0.5, 7.0, 100.0])
 def test_listwise_losses_are_invariant_to_a_shift_shared_by_all_candidates(shift):
     """CE and the distillation KL depend on scores only through softmax, and softmax(s + c) = softmax(s):
@@ -116,6 +136,8 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
         ({"targets_per_user": 0}, "targets_per_user"),
         ({"negative_pool": 2}, "negative_pool"),
         ({"hard_negatives": 1.5}, "hard_negatives"),
+        ({"teacher": "gpt"}, "teacher"),
+        ({"teacher_weighting": "loud"}, "teacher_weighting"),
         ({"batch_size": 0}, "batch_size"),
         ({"val_protocol": "full"}, "val_protocol"),
         ({"teacher_scores": None}, "teacher_scores"),

@@ -89,10 +89,10 @@ def load_or_train_sasrec(dataset: InteractionDataset, seed: int, cache_dir: str 
 
 
 def recipe_retriever(recipe: RankerRecipe, dataset: InteractionDataset):
-    """(retriever, name) when the recipe needs one (hard negatives, score fusion): FAISS over the
-    baselines' SASRec of ``seed`` (the retriever the reranker serves behind), trained first if
-    missing; else (None, None)."""
-    if recipe.hard_negatives == 0 and not recipe.fusion:
+    """(retriever, name) when the recipe needs one (hard negatives, score fusion, SASRec as a teacher):
+    FAISS over the baselines' SASRec of ``seed`` (the retriever the reranker serves behind), trained
+    first if missing; else (None, None)."""
+    if recipe.hard_negatives == 0 and not recipe.needs_retriever_scores:
         return None, None
     from mixllm.retrieval import FaissRetriever
 

@@ -24,6 +24,8 @@ from mixllm.projector import PROJECTOR_TYPES
 from training.recipe import RecipeError, read_recipe
 
 ROLES = ("teacher", "student")
+TEACHERS = ("llm", "sasrec", "both")
+WEIGHTINGS = ("uniform", "confidence")
 DATA_WIDTHS = {"item": ("feature_dim", "num_items"), "user": ("item_dim",)}
 """Section fields the ranker builder sets from the data (a recipe that sets them is refused)."""
 
@@ -142,6 +144,13 @@ class RankerRecipe:
     ``teacher_scores`` when that file does not exist yet."""
     teacher_batch_size: int = 8
     """Lists per teacher forward when scoring."""
+    teacher: str = "llm"
+    """Whose scores the student distils (alpha > 0): "llm" (the textual teacher's stored scores),
+    "sasrec" (the retriever's score of each candidate: no LLM teacher needed) or "both" (the two KL
+    terms averaged)."""
+    teacher_weighting: str = "uniform"
+    """"uniform", or "confidence": each list's KL term weighted by the teacher's softmax probability of
+    the target (T = 1), normalised to mean 1 over the batch, so lists the teacher gets wrong teach less."""
 
     # --- where and how it runs ---
     output_dir: str = "runs/ranker"
@@ -218,8 +227,22 @@ class RankerRecipe:
             raise RecipeError("item_features", str(error)) from None
         if self.role == "teacher" and self.alpha != 0:
             raise RecipeError("alpha", "the teacher trains on labels only; set alpha: 0")
-        if self.role == "student" and self.alpha > 0 and not self.teacher_scores:
+        if self.teacher not in TEACHERS:
+            raise RecipeError("teacher", f"must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.teacher_weighting not in WEIGHTINGS:
+            raise RecipeError("teacher_weighting", f"must be one of {WEIGHTINGS}, got {self.teacher_weighting!r}")
+        if self.role == "student" and self.alpha > 0 and self.uses_llm_teacher and not self.teacher_scores:
             raise RecipeError("teacher_scores", "distillation (alpha > 0) needs the path of the stored teacher scores")
+
+    @property
+    def uses_llm_teacher(self) -> bool:
+        """Distillation from the stored scores of the textual teacher."""
+        return self.role == "student" and self.alpha > 0 and self.teacher in ("llm", "both")
+
+    @property
+    def needs_retriever_scores(self) -> bool:
+        """The lists must carry SASRec's score of every candidate (score fusion, or SASRec as a teacher)."""
+        return self.fusion or (self.role == "student" and self.alpha > 0 and self.teacher in ("sasrec", "both"))
 
     @property
     def list_size(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,21 +40,30 @@ log = logging.getLogger(__name__)
 
 # --- loss and the LightningModule ----------------------------------------------------------------
 def ranking_loss(
-    scores: torch.Tensor, target_index: torch.Tensor, teacher_scores: torch.Tensor | None = None,
-    temperature: float = 1.0, alpha: float = 0.0,
+    scores: torch.Tensor, target_index: torch.Tensor, teacher_scores: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    temperature: float = 1.0, alpha: float = 0.0, weighting: str = "uniform",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Listwise loss over each candidate list.
 
     CE = -log softmax(s)[target]; KL = T^2 * KL(softmax(t / T) || softmax(s / T)) (batch mean);
     loss = alpha * KL + (1 - alpha) * CE, or CE alone without teacher scores or with alpha = 0.
+    Several teachers (a sequence of (B, C) tensors): their KL terms are averaged. ``weighting``
+    "confidence": list i's KL is weighted by w_i = softmax(t_i)[target_i] / mean_j softmax(t_j)[target_j].
     """
     ce = F.cross_entropy(scores.float(), target_index)
     if teacher_scores is None or alpha == 0:
         return ce, {"ce": ce}
-    kl = F.kl_div(
-        F.log_softmax(scores.float() / temperature, dim=-1), F.log_softmax(teacher_scores.float() / temperature, dim=-1),
-        log_target=True, reduction="batchmean",
-    ) * temperature**2  # fmt: skip
+    teachers = [teacher_scores] if isinstance(teacher_scores, torch.Tensor) else list(teacher_scores)
+    student = F.log_softmax(scores.float() / temperature, dim=-1)
+    terms = []
+    for teacher in teachers:
+        per_list = F.kl_div(student, F.log_softmax(teacher.float() / temperature, dim=-1), log_target=True,
+                            reduction="none").sum(-1) * temperature**2  # (B,)  # fmt: skip
+        if weighting == "confidence":
+            confidence = teacher.float().softmax(-1).gather(1, target_index[:, None])[:, 0]  # (B,)
+            per_list = per_list * confidence / confidence.mean().clamp_min(1e-12)
+        terms.append(per_list.mean())
+    kl = torch.stack(terms).mean()
     return alpha * kl + (1 - alpha) * ce, {"ce": ce, "kl": kl}
 
 
@@ -80,7 +90,10 @@ class RankerModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         scores = self.ranker(batch["inputs"])  # (B, C)
         alpha = self.recipe.alpha if self.recipe.role == "student" else 0.0
-        loss, parts = ranking_loss(scores, batch["target_index"], batch["teacher_scores"], self.recipe.temperature, alpha)
+        teachers = [t for t in (batch["teacher_scores"], batch.get("retriever_scores") if self.recipe.teacher != "llm" else None)
+                    if t is not None]  # fmt: skip
+        loss, parts = ranking_loss(scores, batch["target_index"], teachers or None, self.recipe.temperature, alpha,
+                                   self.recipe.teacher_weighting)  # fmt: skip
         size = len(scores)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in parts.items():
@@ -128,11 +141,11 @@ def train_ranker(recipe: RankerRecipe, resume: str | Path | None = None) -> Trai
     split = leave_one_out(dataset)
     width = history_width(recipe)
     retriever, retriever_id = recipe_retriever(recipe, dataset)
-    train_lists = build_training_lists(split, recipe, width, retriever, retriever_id, fusion=recipe.fusion)
+    train_lists = build_training_lists(split, recipe, width, retriever, retriever_id, scored=recipe.needs_retriever_scores)
     val_lists = build_validation_lists(split, recipe, width, retriever if recipe.fusion else None)
     del retriever
     teacher_scores = None
-    if recipe.role == "student" and recipe.alpha > 0:
+    if recipe.uses_llm_teacher:
         if not Path(recipe.teacher_scores).is_file() and not _is_global_zero():
             raise RecipeError("teacher_scores", "missing on a non-zero rank: score the lists before launching DDP")
         _, teacher_scores = ensure_teacher_scores(recipe, train_lists, dataset.item_texts)  # checked: the same lists

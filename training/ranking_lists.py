@@ -170,19 +170,19 @@ def _histories(split: LeaveOneOutSplit, users: np.ndarray, positions: np.ndarray
 
 
 def build_training_lists(split: LeaveOneOutSplit, recipe: RankerRecipe, history_width: int | None = None,
-                         retriever: Retriever | None = None, retriever_id: str | None = None, fusion: bool = False,
+                         retriever: Retriever | None = None, retriever_id: str | None = None, scored: bool = False,
                          batch_size: int = 512) -> CandidateListSet:  # fmt: skip
     """The training lists of ``recipe`` (see the module doc). ``history_width`` is the longest history
     the model reads (default ``max_history``; longer with user tokens); ``retriever`` is needed when
-    ``hard_negatives > 0`` or ``fusion`` (its score of every pool candidate is stored) and reads its own
+    ``hard_negatives > 0`` or ``scored`` (its score of every pool candidate is stored) and reads its own
     ``max_history`` items before each target (``retriever_id`` names it in the lists' key)."""
     width = history_width or recipe.max_history
     pool = recipe.pool_size
     n_hard_pool = int(round(recipe.hard_negatives * pool))
     if n_hard_pool and retriever is None:
         raise RecipeError("hard_negatives", "needs a retriever (SASRec) to take hard negatives from")
-    if fusion and retriever is None:
-        raise RecipeError("fusion", "needs the retriever (SASRec) whose scores the ranker fuses")
+    if scored and retriever is None:
+        raise RecipeError("fusion", "score fusion and SASRec as a teacher need the retriever (SASRec) whose scores they use")
     if n_hard_pool > recipe.hard_pool:
         raise RecipeError("hard_pool", f"holds {recipe.hard_pool} items but a list's pool takes {n_hard_pool} hard negatives from it")
     rng = np.random.default_rng([recipe.seed, LISTS_VERSION])
@@ -215,7 +215,7 @@ def build_training_lists(split: LeaveOneOutSplit, recipe: RankerRecipe, history_
         if hard is not None:
             hard[row] = (order >= 1) & (order <= n_hard_pool)
     key = training_lists_key(split, recipe, width, retriever_id)
-    fused = retriever_scores(split, retriever, users, positions, candidates, batch_size=batch_size) if fusion else None
+    fused = retriever_scores(split, retriever, users, positions, candidates, batch_size=batch_size) if scored else None
     return CandidateListSet(users.astype(np.int64), histories, candidates, target_index, key, hard, fused)
 
 
@@ -245,7 +245,8 @@ class _Rows(Dataset):
 
 
 class ListCollator:
-    """List indices -> ``{"inputs": RankingInputs, "target_index": (B,), "teacher_scores": (B, C) | None}``.
+    """List indices -> ``{"inputs": RankingInputs, "target_index": (B,), "teacher_scores": (B, C) | None,
+    "retriever_scores": (B, C) | None}`` (a fused ranker's requests carry the retriever's scores too).
 
     ``epoch`` (set by the training module at each epoch's start) seeds which pool negatives are drawn
     and, with ``cold_item_rate``, which item tokens lose their SASRec part (columns ``cold_columns``)."""
@@ -265,10 +266,12 @@ class ListCollator:
         candidates = np.take_along_axis(self.lists.candidates[rows_np], columns, 1)
         target_index = np.argmax(columns == self.lists.target_index[rows_np, None], axis=1)
         requests = [RankingRequest.from_padded(self.lists.histories[r], c) for r, c in zip(rows_np, candidates)]
+        retriever = None
         if self.lists.retriever_scores is not None:
-            fused = np.take_along_axis(self.lists.retriever_scores[rows_np], columns, 1)
-            for request, row in zip(requests, fused):
-                request.retriever_scores = row.tolist()
+            retriever = torch.from_numpy(np.take_along_axis(self.lists.retriever_scores[rows_np], columns, 1))
+            if getattr(self.ranker, "fusion_gate", None) is not None:
+                for request, row in zip(requests, retriever.tolist()):
+                    request.retriever_scores = row
         teacher = None
         if self.teacher_scores is not None:
             teacher = torch.gather(self.teacher_scores[torch.from_numpy(rows_np)], 1, torch.from_numpy(columns))
@@ -278,7 +281,8 @@ class ListCollator:
             cold = torch.from_numpy(rng.random(len(inputs.item_features)) < self.recipe.cold_item_rate)
             inputs.item_features = inputs.item_features.clone()
             inputs.item_features[cold, self.cold_columns] = 0.0
-        return {"inputs": inputs, "target_index": torch.from_numpy(target_index), "teacher_scores": teacher}
+        return {"inputs": inputs, "target_index": torch.from_numpy(target_index), "teacher_scores": teacher,
+                "retriever_scores": retriever}  # fmt: skip
 
 
 class RankerDataModule(L.LightningDataModule):
