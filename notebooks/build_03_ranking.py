@@ -111,6 +111,60 @@ ax.set_title(f"Teacher vs student, {USERS} users x 20 candidates")
 ax.legend()
 plt.show()
 assert np.isfinite(T).all() and np.isfinite(S).all()"""),
+    new_markdown_cell("""## Where the student wins and loses against SASRec
+
+SASRec (`checkpoints/sasrec`, H = 50) is the retriever the student reranks behind and the baseline it
+must beat. Both score the 20 sampled test candidates (seed 0) of the first 300 users (the notebook runs
+in the test suite on a 2-core CPU; `mixllm eval ranker` scores all 943); users are grouped by how long
+their training history is and by how popular their held-out movie is (training interactions), in
+quartiles. Per group: each model's HR@1 and the paired difference (student - SASRec), with its 95%
+bootstrap interval over the group's users (`mixllm.stats.paired_bootstrap`)."""),
+    new_code_cell("""from mixllm.baselines.sasrec import SASRec
+from mixllm.data.evaluation import make_batch
+from mixllm.metrics import ranking_metrics
+from mixllm.ranking import ProtocolRanker
+from mixllm.stats import paired_bootstrap
+
+sasrec = SASRec.from_pretrained(CHECKPOINTS / "sasrec").eval()
+users = np.arange(300)
+student_protocol = ProtocolRanker(student, "student", batch_size=32)
+hits = {}
+with torch.inference_mode():
+    for name, model in (("student", student_protocol), ("SASRec", sasrec)):
+        batch = make_batch(split, "test", users, model.max_history, lists.candidates[users])
+        scores = model.score(batch)
+        hits[name] = ranking_metrics(scores.float(), torch.from_numpy(lists.target_index[users]), ("hr@1",))["hr@1"].numpy()
+history_len = np.array([len(split.train_sequence(u)) for u in users])
+popularity = split.train_item_counts()[split.targets("test")[users]]
+frame = pd.DataFrame({"student": hits["student"], "SASRec": hits["SASRec"],
+                      "history length": pd.qcut(history_len, 4, duplicates="drop"),
+                      "target popularity": pd.qcut(popularity, 4, duplicates="drop")})
+print(f"all {len(users)} users: HR@1 student {frame.student.mean():.3f}, SASRec {frame.SASRec.mean():.3f}")
+
+def by_group(column):
+    rows = []
+    for group, part in frame.groupby(column, observed=True):
+        diff = paired_bootstrap(part.student.to_numpy(), part.SASRec.to_numpy(), resamples=2000)
+        rows.append({column: str(group), "users": len(part), "student HR@1": part.student.mean(),
+                     "SASRec HR@1": part.SASRec.mean(), "difference": diff.mean,
+                     "95% interval": f"[{diff.low:+.3f}, {diff.high:+.3f}]"})
+    return pd.DataFrame(rows).round(3)
+
+groups = {column: by_group(column) for column in ("history length", "target popularity")}
+groups["history length"]"""),
+    new_code_cell("""groups["target popularity"]"""),
+    new_code_cell("""fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
+for ax, (column, table) in zip(axes, groups.items()):
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["student HR@1"], 0.4, label="student")
+    ax.bar(x + 0.2, table["SASRec HR@1"], 0.4, label="SASRec")
+    ax.set_xticks(x, table[column], rotation=20, fontsize=8)
+    ax.set_xlabel(f"{column} (quartile)")
+axes[0].set_ylabel("HR@1, sampled-20 test")
+axes[0].legend()
+plt.tight_layout()
+plt.show()
+assert sum(len(t) for t in groups.values()) >= 2 and all(t.users.sum() == len(users) for t in groups.values())"""),
 ]
 
 

@@ -12,7 +12,7 @@ from mixllm.baselines.sasrec import SASRec, SASRecConfig
 from mixllm.data import leave_one_out, make_synthetic_dataset
 from mixllm.data.evaluation import make_batch
 from mixllm.features import sasrec_checkpoint_dir
-from mixllm.ranking import MixLLMRanker, ProtocolRanker
+from mixllm.ranking import ItemCatalog, MixLLMRanker, ProtocolRanker
 from mixllm.retrieval import FaissRetriever
 from training.ranker_build import build_ranker, history_width, recipe_retriever
 from training.ranker_recipe import RankerRecipe
@@ -131,3 +131,44 @@ def test_sasrec_as_the_teacher_needs_no_llm_teacher_and_distils_its_scores(home,
     result = train_ranker(recipe)
     assert result.global_step == 2 and "train/kl" in result.metrics
     assert seen and all(len(t) == 1 and t[0].shape[1] == 5 for t in seen)  # SASRec's scores of the 5 candidates
+
+
+def test_fit_gate_finds_the_closed_form_optimum():
+    """Two candidates, s = 0, r = [1, 0]; three lists want candidate 0 and one wants candidate 1:
+    f'(g) = sigmoid(g) - 3/4, so the optimal gate is log 3."""
+    from training.fit_fusion import fit_gate
+
+    scores = torch.zeros(4, 2)
+    retriever = torch.tensor([[1.0, 0.0]] * 4)
+    target = torch.tensor([0, 0, 0, 1])
+    assert abs(fit_gate(scores, retriever, target) - float(np.log(3))) < 1e-6
+    assert abs(fit_gate(scores, retriever, torch.tensor([0, 1, 0, 1]))) < 1e-9  # balanced: the ranker alone
+
+
+def test_fused_checkpoint_has_the_validation_optimal_gate_and_scores_through_the_retriever(home, tmp_path):
+    from training.fit_fusion import fuse_checkpoint, listwise_ce
+
+    trained = train_ranker(_recipe(home, tmp_path, user=None, fusion=False, max_steps=2)).ranker_dir
+    sasrec = SASRec.from_pretrained(sasrec_checkpoint_dir(DATASET.name, 0, home))
+    record = fuse_checkpoint(trained, tmp_path / "fused", sasrec, SPLIT, cache_dir=str(home))
+    gate = record["gate"]
+    assert record["fused"]["ce"] <= record["ranker_alone"]["ce"] + 1e-9
+    fused = MixLLMRanker.from_pretrained(tmp_path / "fused", ItemCatalog(texts=DATASET.item_texts))
+    assert float(fused.fusion_gate.detach()) == pytest.approx(gate, abs=1e-6)
+    # the fused checkpoint's validation CE is the fitted optimum: no nearby gate does better
+    retriever = FaissRetriever(sasrec)
+    wrapped = ProtocolRanker(fused, "fused", retriever=retriever)
+    from mixllm.data import PROTOCOLS, get_candidates
+
+    lists = get_candidates(SPLIT, PROTOCOLS["sampled-20"], "valid", 0, home / "candidates")
+    users = np.arange(SPLIT.num_users)
+    batch = make_batch(SPLIT, "valid", users, wrapped.max_history, lists.candidates[users])
+    target = torch.from_numpy(lists.target_index[users])
+    with torch.no_grad():
+        at_gate = wrapped.score(batch)
+        sasrec_scores = retriever.candidate_scores(batch.history[:, -retriever.max_history :], batch.candidates)
+    assert listwise_ce(at_gate, target) == pytest.approx(record["fused"]["ce"], abs=1e-5)
+    for delta in (-0.05, 0.05):
+        assert listwise_ce(at_gate + delta * sasrec_scores, target) >= listwise_ce(at_gate, target) - 1e-9
+    with pytest.raises(Exception, match="already fused"):
+        fuse_checkpoint(tmp_path / "fused", tmp_path / "again", sasrec, SPLIT, cache_dir=str(home))
