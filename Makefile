@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations caption caption-eval caption-pooled clean
+.PHONY: setup demo serve bench-serve test assets rankers rankers-eval rankers-ablations rankers-user caption caption-eval caption-pooled clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,19 @@ rankers-ablations: setup
 		--speed-requests 16 --checkpoint "student (distilled, MiniLM only)=runs/student_minilm/ranker" \
 		"student (labels only, MiniLM only)=runs/student_labels_minilm/ranker" \
 		"student (distilled, SASRec only)=runs/student_sasrec/ranker"
+
+# Issue 11's first CPU experiment (not the served default yet): the user-token student of
+# training/configs/student_user.yaml (~30 min on the 2-core CPU), its SASRec fusion gate fitted on the
+# validation lists, and both scored beside SASRec and the committed student on the first 300 test users
+# (sampled-20 on candidate seeds 0/1/2, full ranking reranking SASRec's top 20 and 50)
+# -> reports/ml100k_student_user.{json,md}.
+rankers-user: setup
+	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml
+	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user/ranker --output runs/student_user_fused/ranker
+	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 full --max-users 300 --retrieve 20 50 --speed-requests 16 \
+		--output reports/ml100k_student_user.json --checkpoint "student (user tokens)=runs/student_user/ranker" \
+		"student (user tokens) + SASRec, fused=runs/student_user_fused/ranker" "student (distilled)=checkpoints/student" \
+		--student "student (user tokens) + SASRec, fused"
 
 rankers-eval: setup
 	$(VENV)/bin/mixllm eval ranker --checkpoint teacher=checkpoints/teacher "student (distilled)=checkpoints/student" \

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["sampled-20", "sampled-100", "full"], help="which protocols to score (default: all)")
     rk.add_argument("--retrieve", type=int, nargs="+", default=[20, 50, 100],
                     help="full ranking: the depths k of the FAISS top-k that the LLM reranks (each one reported)")
+    rk.add_argument("--student", default=None, metavar="NAME",
+                    help="the --checkpoint NAME compared with SASRec and the teacher (default: the first distilled student)")
     rk.add_argument("--headline-depth", type=int, default=None,
                     help="the --retrieve depth of the table's full-ranking columns and targets (default: the largest)")
     rk.add_argument("--batch-size", type=int, default=8, help="requests per forward while scoring")

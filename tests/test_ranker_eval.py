@@ -553,3 +553,15 @@ def test_seeds_and_headline_depth_are_checked_naming_the_option(setup, tmp_path)
     with pytest.raises(ranker_eval.EvalError, match="--headline-depth 20 is not one of --retrieve 10 30"):
         ranker_eval.run_eval(args)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_named_student_is_the_one_compared_and_never_its_own_labels_only_twin():
+    def row(name, kind="student", alpha=0.0, **extra):
+        return {"name": name, "kind": kind, "training": {"recipe": {"alpha": alpha}}, **extra}
+
+    rows = [row("distilled", alpha=0.5), row("user tokens"), row("fused", default_student=True), row("SASRec", "sasrec")]
+    roles = ranker_eval._roles(rows)
+    assert roles["student"]["name"] == "fused" and roles["labels"]["name"] == "user tokens" and roles["sasrec"]["name"] == "SASRec"
+    del rows[2]["default_student"]  # no --student: the first distilled student, the first labels-only one
+    roles = ranker_eval._roles(rows)
+    assert roles["student"]["name"] == "distilled" and roles["labels"]["name"] == "user tokens"

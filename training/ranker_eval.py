@@ -198,8 +198,13 @@ ROLE_NAMES = {"student": "distilled student", "sasrec": "SASRec", "teacher": "te
 
 
 def _roles(rows: list[dict]) -> dict[str, dict | None]:
-    return {"student": _find(rows, "student", distilled=True), "sasrec": _find(rows, "sasrec"),
-            "teacher": _find(rows, "teacher"), "labels": _find(rows, "student", distilled=False)}  # fmt: skip
+    """Which row plays which part in the comparisons: the student is the row ``--student`` named (else
+    the first distilled student), the labels-only student the first other student trained without a teacher."""
+    named = [row for row in rows if row.get("default_student")]
+    student = named[0] if named else _find(rows, "student", distilled=True)
+    others = [row for row in rows if row is not student]
+    return {"student": student, "sasrec": _find(rows, "sasrec"), "teacher": _find(rows, "teacher"),
+            "labels": _find(others, "student", distilled=False)}  # fmt: skip
 
 
 def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | None], UserMetrics]],
@@ -377,6 +382,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise EvalError(f"--seeds: expected distinct seeds >= 0, got {' '.join(map(str, seeds))}")
     depths = sorted(set(np.atleast_1d(args.retrieve).tolist()))
     headline = depths[-1] if getattr(args, "headline_depth", None) is None else args.headline_depth
+    student_name = getattr(args, "student", None)
+    names = [_parse_checkpoint(spec)[0] for spec in args.checkpoint]
+    if student_name is not None and student_name not in names:
+        raise EvalError(f"--student {student_name!r}: not one of the named checkpoints {[n for n in names if n]}")
     if headline not in depths:
         raise EvalError(f"--headline-depth {headline} is not one of --retrieve {' '.join(map(str, depths))}")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -457,7 +466,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                      ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}" for m, v in metrics[protocol].items()))  # fmt: skip
         rows.append({**meta, "max_history": getattr(ranker, "max_item_history", ranker.max_history), "users": users, "metrics": metrics,
                      "metrics_common_users": common, **({"full_by_depth": by_depth} if by_depth else {}),
-                     "eval_time_s": times})  # fmt: skip
+                     "eval_time_s": times, **({"default_student": True} if meta["name"] == getattr(args, "student", None) else {})})  # fmt: skip
 
     # Retrieval recall@k at each depth (the ceiling of every reranker's full-ranking recall).
     users_all = np.arange(n_users)
