@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 MINILM_DIM = 384
 """Width of a MiniLM-L6 (all-MiniLM-L6-v2) sentence embedding: the ``"minilm"`` part's columns."""
-NAMED_PARTS = ("minilm", "sasrec")
-"""Spec parts that name computed features; any other part (but "ids") is a path."""
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

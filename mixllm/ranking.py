@@ -879,11 +879,9 @@ class ProtocolRanker(Ranker):
         # A ranker without max_history makes every history item a token: it gets the default H.
         self.max_item_history: int = ranker.max_history or DEFAULT_HISTORY_LENGTH
         """H: the most recent history items the ranker reads as item tokens."""
-        # Stand-ins for a MixLLMRanker (tests) may have max_history only: no user window then.
-        longest = getattr(ranker, "max_request_history", ranker.max_history)
-        self.reads: int = self.max_item_history if ranker.max_history is None else longest
+        self.reads: int = self.max_item_history if ranker.max_history is None else ranker.max_request_history
         """The most recent history items the ranker itself reads (item tokens and user encoder)."""
-        fused = getattr(ranker, "fusion_gate", None) is not None
+        fused = ranker.fusion_gate is not None
         if fused and retriever is None:
             raise DataError(f"{name}: this ranker fuses the retriever's scores; give ProtocolRanker the retriever")
         self.retriever = retriever if fused else None

@@ -184,6 +184,8 @@ class _SumRanker:
     """Stands in for a MixLLMRanker: scores a candidate as 100 * candidate + sum(history)."""
 
     max_history = 2
+    max_request_history = 2  # no user tokens: it reads what its item tokens read
+    fusion_gate = None
 
     def __init__(self):
         self.batches = []

@@ -81,6 +81,8 @@ def test_collator_gives_each_drawn_candidate_its_own_teacher_score():
     scores = torch.from_numpy(lists.candidates).float() * 0.5  # a score that names its item
 
     class _Echo:
+        fusion_gate = None
+
         def prepare(self, requests):
             return requests
 

@@ -269,7 +269,7 @@ class ListCollator:
         retriever = None
         if self.lists.retriever_scores is not None:
             retriever = torch.from_numpy(np.take_along_axis(self.lists.retriever_scores[rows_np], columns, 1))
-            if getattr(self.ranker, "fusion_gate", None) is not None:
+            if self.ranker.fusion_gate is not None:
                 for request, row in zip(requests, retriever.tolist()):
                     request.retriever_scores = row
         teacher = None
