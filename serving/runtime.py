@@ -16,10 +16,10 @@ import torch
 from mixllm.data import load_dataset
 from mixllm.errors import DataError
 from mixllm.features import FeatureLayout
-from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
+from mixllm.ranking import ItemCatalog, MixLLMRanker
 from serving.catalog import Catalog, StudentItems
 from serving.chat import ChatService
-from serving.services import EventService, RankingService, ServedModel
+from serving.services import EventService, RankingService, ServedModel, UserContext
 from serving.settings import Settings
 from serving.store import Store, seed_from_dataset
 
@@ -158,6 +158,10 @@ def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
             raise DataError(f"--sasrec {settings.sasrec}: trained on {sasrec.config.num_items} items, the catalog "
                             f"seed has {dataset.num_items}")
         retriever = FaissRetriever(sasrec)
+    fused = [name for name, model in models.items() if model.fused]
+    if fused and retriever is None:
+        raise DataError(f"--checkpoint {fused[0]}: this ranker adds SASRec's scores to its own (score fusion); "
+                        "start the service with --sasrec")  # fmt: skip
     catalog = Catalog(store, dataset.item_texts, encode_texts, students, teachers, retriever,
                       cache_dir=settings.token_cache_dir, checkpoints=settings.models)
     start = time.perf_counter()
@@ -188,4 +192,5 @@ def warm_up(runtime: Runtime) -> None:
     if len(live) < 3:
         return
     for model in runtime.models.values():
-        runtime.ranking.run_batch(model, [RankingRequest(history=live[:2], candidates=live[2:])])
+        context = UserContext(live[:2], 2, set(), live[:2])
+        runtime.ranking.run_batch(model, [runtime.ranking.request_for(model, context, live[2:])])

@@ -24,7 +24,7 @@ import torch
 
 from mixllm.data import PAD
 from mixllm.errors import DataError
-from mixllm.ranking import MixLLMRanker, RankingRequest
+from mixllm.ranking import MixLLMRanker, RankingRequest, pad_retriever_scores
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
 from serving.errors import Invalid, NotFound
@@ -48,7 +48,13 @@ class ServedModel:
 
     @property
     def max_history(self) -> int:
-        return self.ranker.max_history or 10
+        """The most recent history items the ranker reads (longer than H with user tokens)."""
+        return self.ranker.max_request_history or 10
+
+    @property
+    def fused(self) -> bool:
+        """The ranker adds a gated SASRec score to its own (``MixLLMRanker(fusion=True)``)."""
+        return self.ranker.fusion_gate is not None
 
 
 @dataclass
@@ -66,6 +72,13 @@ class UserContext:
 
     def describe(self) -> dict:
         return {"given": self.given, "used": len(self.rows), "truncated": self.given > len(self.rows)}
+
+    def retrieval_history(self) -> torch.Tensor:
+        """(1, L) :attr:`retrieval_rows` left-padded with PAD (at least one column), as SASRec reads them."""
+        padded = torch.full((1, max(len(self.retrieval_rows), 1)), PAD, dtype=torch.long)
+        if self.retrieval_rows:
+            padded[0, -len(self.retrieval_rows) :] = torch.as_tensor(self.retrieval_rows)
+        return padded
 
 
 @dataclass
@@ -158,7 +171,9 @@ class RankingService:
                         out[i] = Invalid(str(error), field="request")
                 if not prompts:
                     return out
-                inputs = ranker.collate([p for _, p in prompts]).to(next(ranker.parameters()).device)
+                inputs = ranker.collate([p for _, p in prompts])
+                inputs.retriever_scores = pad_retriever_scores([requests[i] for i, _ in prompts], inputs.candidate_mask.shape[1])
+                inputs = inputs.to(next(ranker.parameters()).device)
                 item_embeds = ranker.gather_item_tokens(inputs)  # a copy: later cache writes cannot reach it
             scores = ranker(inputs, item_embeds=item_embeds).float().cpu()
         for b, (i, prompt) in enumerate(prompts):
@@ -175,10 +190,21 @@ class RankingService:
         self._check_candidates(candidates)
         # Store reads and the catalog lock (held by a running forward) stay off the event loop.
         context, rows = await asyncio.to_thread(self._resolve, user_id, history, model.max_history, candidates)
-        scores, tokens = await self._score(model, RankingRequest(context.rows, rows))
+        request = await asyncio.to_thread(self.request_for, model, context, rows)
+        scores, tokens = await self._score(model, request)
         order = torch.argsort(scores, descending=True, stable=True).tolist()[: top_n or len(rows)]
         results = [{"item_id": candidates[i], "index": i, "score": float(scores[i])} for i in order]
         return Ranked(model.name, results, tokens, context.describe())
+
+    def request_for(self, model: ServedModel, context: UserContext, candidates: list[int]) -> RankingRequest:
+        """(worker thread) The ranking request of ``context``'s rows and ``candidates``; for a fused model
+        with the retriever's score of each candidate (SASRec over the user's retrieval rows)."""
+        request = RankingRequest(context.rows, candidates)
+        if model.fused:
+            with self.catalog.lock:
+                scores = self.catalog.retriever.candidate_scores(context.retrieval_history(), torch.as_tensor([candidates]))
+            request.retriever_scores = scores[0].tolist()
+        return request
 
     def _resolve(self, user_id, history, max_history: int, candidates: Sequence[str] = (),
                  with_seen: bool = False) -> tuple[UserContext, list[int]]:
@@ -195,7 +221,8 @@ class RankingService:
         context, candidates = await asyncio.to_thread(self._retrieve, user_id, history, model.max_history, exclude_seen)
         if not candidates:
             return Ranked(model.name, [], 0, context.describe())
-        scores, tokens = await self._score(model, RankingRequest(context.rows, candidates))
+        request = await asyncio.to_thread(self.request_for, model, context, candidates)
+        scores, tokens = await self._score(model, request)
         order = torch.argsort(scores, descending=True, stable=True).tolist()[:k]
         ids = self.catalog.item_ids
         results = [{"item_id": ids[candidates[i]], "index": i, "score": float(scores[i]),
@@ -212,18 +239,17 @@ class RankingService:
             available = int(allowed.sum())
             if available == 0:
                 return context, []
-            length = len(context.retrieval_rows)
-            padded = torch.full((1, max(length, 1)), PAD, dtype=torch.long)
-            if length:
-                padded[0, -length:] = torch.as_tensor(context.retrieval_rows)
             pool = min(self.settings.retrieve, available)
-            return context, self.catalog.retriever.top_k(padded, allowed[None], pool)[0].tolist()
+            return context, self.catalog.retriever.top_k(context.retrieval_history(), allowed[None], pool)[0].tolist()
 
     async def rerank(self, query: str, documents: Sequence[str], model_name: str | None = None) -> tuple[str, list[float], int]:
         """(model name, one score per document, prompt tokens): through the model's batcher, so a
         rerank waits in the same bounded queue as rank requests and never overlaps a forward."""
         model = self.model(model_name)
         self._check_count(len(documents), "documents")
+        if model.fused:
+            raise Invalid(f"model: {model.name} adds SASRec's scores to its own, and documents outside the catalog have none; "
+                          "rerank them with an unfused model", field="model", value=model.name)  # fmt: skip
         scores, tokens = await model.batcher.submit(RerankJob(query, list(documents)))
         return model.name, scores, tokens
 

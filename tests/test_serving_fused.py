@@ -1,0 +1,84 @@
+"""Serving a fused ranker (score + gate * SASRec score): rank and recommend add the retriever's scores,
+rerank of outside documents is refused (they have none), and a fused checkpoint without --sasrec is a
+clear start-up error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from mixllm.baselines.sasrec import SASRec
+from mixllm.errors import DataError
+from mixllm.ranking import MixLLMRanker
+from mixllm.retrieval import FaissRetriever
+from serving.app import create_app
+from serving.runtime import load_runtime
+from serving_world import assert_client_error, fake_encode, session_world, wait_ready
+
+GATE = 0.75
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return session_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fused_path(world, tmp_path_factory):
+    """The world's student with score fusion, gate 0.75 (its base LLM stays the world's, referenced)."""
+    ranker = MixLLMRanker.from_pretrained(world.student)
+    ranker.fusion_gate = torch.nn.Parameter(torch.tensor(GATE))
+    path = tmp_path_factory.mktemp("fused") / "ranker"
+    provenance = json.loads((world.student / "training_run.json").read_text())  # the student's own record
+    ranker.save_pretrained(path, provenance=provenance)
+    (path / "training_run.json").write_text(json.dumps(provenance))  # as training and training.fit_fusion write it
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(world, fused_path, tmp_path_factory):
+    settings = world.settings(tmp_path_factory.mktemp("fused_app") / "store.sqlite",
+                              checkpoint=[f"student={world.student}", f"fused={fused_path}"], retrieve=10)  # fmt: skip
+    with TestClient(create_app(settings, load=lambda s: load_runtime(s, encode_texts=fake_encode))) as client:
+        wait_ready(client)
+        yield client
+
+
+def _scores(client, model, user, candidates):
+    response = client.post("/v1/rank", json={"user": user, "candidates": candidates, "model": model})
+    assert response.status_code == 200, response.text
+    return {r["item_id"]: r["score"] for r in response.json()["results"]}
+
+
+def test_fused_rank_is_the_student_plus_the_gated_sasrec_score(client, world):
+    user, candidates = world.user_ids[0], world.item_ids[:8]
+    alone, fused = _scores(client, "student", {"id": user}, candidates), _scores(client, "fused", {"id": user}, candidates)
+    runtime = client.app.state.runtime
+    retriever: FaissRetriever = runtime.catalog.retriever
+    context = runtime.ranking.user_context(user, None, runtime.models["fused"].max_history)
+    rows = runtime.catalog.rows(candidates, "candidates")
+    sasrec = retriever.candidate_scores(context.retrieval_history(), torch.as_tensor([rows]))[0]
+    expected = {item: alone[item] + GATE * float(s) for item, s in zip(candidates, sasrec)}
+    assert max(abs(fused[k] - expected[k]) for k in candidates) < 1e-4
+    assert max(abs(fused[k] - alone[k]) for k in candidates) > 1e-3  # the SASRec term is really there
+    # the retriever read SASRec's own history length, not the ranker's H
+    assert len(context.retrieval_rows) > len(context.rows) or len(context.retrieval_rows) == context.given
+    assert isinstance(retriever.sasrec, SASRec)
+
+
+def test_fused_recommend_works_and_rerank_of_outside_documents_is_refused(client, world):
+    response = client.post("/v1/recommend", json={"user": {"id": world.user_ids[1]}, "k": 5, "model": "fused"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 5
+    response = client.post("/v1/rerank", json={"query": "a film", "documents": ["one", "two"], "model": "fused"})
+    error = assert_client_error(response, 422, field="model", value="fused")
+    assert "SASRec" in error["message"]
+
+
+def test_a_fused_checkpoint_without_sasrec_does_not_start(world, fused_path, tmp_path):
+    settings = world.settings(tmp_path / "store.sqlite", checkpoint=[f"fused={fused_path}"], sasrec="")
+    with pytest.raises(DataError, match="fused=.* --sasrec|--checkpoint fused: .*--sasrec"):
+        load_runtime(settings, encode_texts=fake_encode)
