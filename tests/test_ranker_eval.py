@@ -561,7 +561,10 @@ def test_the_named_student_is_the_one_compared_and_never_its_own_labels_only_twi
 
     rows = [row("distilled", alpha=0.5), row("user tokens"), row("fused", default_student=True), row("SASRec", "sasrec")]
     roles = ranker_eval._roles(rows)
-    assert roles["student"]["name"] == "fused" and roles["labels"]["name"] == "user tokens" and roles["sasrec"]["name"] == "SASRec"
+    assert roles["student"]["name"] == "fused" and roles["sasrec"]["name"] == "SASRec"
+    assert roles["labels"] is None  # a labels-only --student has no distillation to compare
+    rows[2]["training"]["recipe"]["alpha"] = 0.5
+    assert ranker_eval._roles(rows)["labels"]["name"] == "user tokens"
     del rows[2]["default_student"]  # no --student: the first distilled student, the first labels-only one
     roles = ranker_eval._roles(rows)
     assert roles["student"]["name"] == "distilled" and roles["labels"]["name"] == "user tokens"

@@ -199,12 +199,14 @@ ROLE_NAMES = {"student": "distilled student", "sasrec": "SASRec", "teacher": "te
 
 def _roles(rows: list[dict]) -> dict[str, dict | None]:
     """Which row plays which part in the comparisons: the student is the row ``--student`` named (else
-    the first distilled student), the labels-only student the first other student trained without a teacher."""
+    the first distilled student); when it is distilled, the labels-only student is the first other student
+    trained without a teacher (a labels-only ``--student`` has no distillation to compare)."""
     named = [row for row in rows if row.get("default_student")]
     student = named[0] if named else _find(rows, "student", distilled=True)
     others = [row for row in rows if row is not student]
+    distilled = student is not None and _find([student], "student", distilled=True) is not None
     return {"student": student, "sasrec": _find(rows, "sasrec"), "teacher": _find(rows, "teacher"),
-            "labels": _find(others, "student", distilled=False)}  # fmt: skip
+            "labels": _find(others, "student", distilled=False) if distilled else None}  # fmt: skip
 
 
 def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | None], UserMetrics]],
