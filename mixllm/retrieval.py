@@ -40,7 +40,7 @@ class FaissRetriever:
     @property
     def max_history(self) -> int:
         """H of the retriever: the most recent items SASRec's user vector reads."""
-        return self.sasrec.config.max_len
+        return self.sasrec.config.max_history
 
     @torch.no_grad()
     def set_rows(self, rows: list[int], vectors: torch.Tensor) -> None:

@@ -68,7 +68,7 @@ class UserContext:
     seen: set[int] = field(default_factory=set)
     """Rows the user interacted with (filled only for exclude_seen: one more store read)."""
     retrieval_rows: list[int] = field(default_factory=list)
-    """The longer history the retriever reads (up to its max_len)."""
+    """The longer history the retriever reads (up to its max_history)."""
 
     def describe(self) -> dict:
         return {"given": self.given, "used": len(self.rows), "truncated": self.given > len(self.rows)}
@@ -117,7 +117,7 @@ class RankingService:
                      with_seen: bool = False) -> UserContext:
         """Resolve ``{"id": ...}`` or ``{"history": [...]}`` into rows (most recent max_history);
         ``with_seen`` also reads every item the user interacted with (recommend's exclude_seen)."""
-        retrieval_len = self.catalog.retriever.sasrec.config.max_len if self.catalog.retriever is not None else max_history
+        retrieval_len = self.catalog.retriever.max_history if self.catalog.retriever is not None else max_history
         if user_id is not None:
             store = self.catalog.store
             if not store.has_user(user_id):

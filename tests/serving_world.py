@@ -146,7 +146,7 @@ def build_world(root: Path) -> World:
 
     torch.manual_seed(0)
     sasrec = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=SASREC_DIM, num_blocks=1, num_heads=1,
-                                 max_len=20, ffn_size=32, dropout=0.0)).eval()
+                                 max_history=20, ffn_size=32, dropout=0.0)).eval()
     sasrec.save_pretrained(root / "sasrec")
     features = torch.cat([fake_encode(texts), sasrec.item_embeddings().detach().float()], dim=1)  # (N, 400)
 

@@ -36,9 +36,9 @@ def test_popularity_counts_training_split_only():
 
 
 # --- SASRec model ---------------------------------------------------------------------------------
-def tiny_sasrec(num_items=20, max_len=8, seed=0):
+def tiny_sasrec(num_items=20, max_history=8, seed=0):
     torch.manual_seed(seed)
-    return SASRec(SASRecConfig(num_items=num_items, hidden_size=16, num_blocks=2, num_heads=2, max_len=max_len,
+    return SASRec(SASRecConfig(num_items=num_items, hidden_size=16, num_blocks=2, num_heads=2, max_history=max_history,
                                ffn_size=32, dropout=0.0)).eval()  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def test_sasrec_padding_does_not_change_the_user():
     with torch.no_grad():
         short = model.user_vectors(torch.tensor([[4, 9, 2]]))
         padded = model.user_vectors(torch.tensor([[PAD, PAD, PAD, PAD, PAD, 4, 9, 2]]))
-        # Items beyond max_len are cut from the front: the most recent max_len items decide.
+        # Items beyond max_history are cut from the front: the most recent max_history items decide.
         long = model.user_vectors(torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 4, 5, 6, 7, 4, 9, 2]]))
         recent = model.user_vectors(torch.tensor([[3, 4, 5, 6, 7, 4, 9, 2]]))
     torch.testing.assert_close(short, padded)
@@ -85,6 +85,14 @@ def test_sasrec_scores_are_dot_products_with_exported_embeddings(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.score(b), cand)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["provenance"] == {"seed": 0}
+    # a checkpoint written before H had one name (config "max_len") loads to the same model
+    stored = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    stored["config"]["max_len"] = stored["config"].pop("max_history")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(stored))
+    legacy = SASRec.from_pretrained(tmp_path / "ckpt")
+    assert legacy.config.max_history == model.config.max_history == legacy.max_history
+    with torch.no_grad():
+        torch.testing.assert_close(legacy.score(b), cand)
 
 
 def test_sasrec_config_is_validated():
@@ -96,7 +104,7 @@ def test_sasrec_config_is_validated():
 
 def test_training_windows_cover_every_next_item_once():
     sequences = [np.arange(10, 23), np.array([1, 2]), np.array([7])]  # lengths 13, 2, 1
-    inputs, targets = training_windows(sequences, max_len=5)
+    inputs, targets = training_windows(sequences, max_history=5)
     assert inputs.shape == targets.shape and inputs.shape[1] == 5
     pairs = [(i, t) for row_i, row_t in zip(inputs, targets) for i, t in zip(row_i, row_t) if t != PAD]
     expected = [(a, b) for seq in sequences for a, b in zip(seq[:-1], seq[1:])]

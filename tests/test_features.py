@@ -38,7 +38,7 @@ def _save_sasrec(dataset, folder: Path, hidden: int = 8):
     from mixllm.baselines.sasrec import SASRec, SASRecConfig
 
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=hidden, max_len=5))
+    model = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=hidden, max_history=5))
     model.save_pretrained(folder, provenance={"dataset_fingerprint": dataset.fingerprint()})
     return model.item_embeddings().detach()
 

@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
 
 def _sasrec(setup):
     model = load_or_train_sasrec(setup["dataset"], SEED, str(setup["cache"]), progress=False)
-    assert model.config.max_len == 8  # the fixture's tiny model, not a freshly trained default one
+    assert model.config.max_history == 8  # the fixture's tiny model, not a freshly trained default one
     return model
 
 
@@ -258,10 +258,10 @@ def test_cli_metrics_match_an_independent_recomputation(setup, report):
     users = np.arange(NUM_USERS)
     allowed = ~split.interaction_mask(users)
     allowed[users, targets] = True
-    history = torch.from_numpy(split.histories("test", sasrec.config.max_len))
+    history = torch.from_numpy(split.histories("test", sasrec.config.max_history))
     for depth in DEPTHS:
         with torch.inference_mode():
-            own, hit = full_ranking_metrics(sasrec, retriever, split, users, depth, sasrec.config.max_len)
+            own, hit = full_ranking_metrics(sasrec, retriever, split, users, depth, sasrec.config.max_history)
         for metric, value in own.items():
             assert rows["SASRec (H=8)"]["full_by_depth"][str(depth)][metric] == pytest.approx(value.mean().item(), abs=1e-6)
         retrieved = retriever.top_k(history, allowed, depth)
@@ -372,9 +372,9 @@ def test_faiss_top_k_is_the_masked_sasrec_top_k(setup):
     sasrec = _sasrec(setup)
     retriever = FaissRetriever(sasrec)
     users = np.arange(NUM_USERS)
-    history = torch.from_numpy(split.histories("test", sasrec.config.max_len, users))
+    history = torch.from_numpy(split.histories("test", sasrec.config.max_history, users))
     with torch.no_grad():
-        scores = sasrec.score_all(make_batch(split, "test", users, sasrec.config.max_len)).float()  # (U, N)
+        scores = sasrec.score_all(make_batch(split, "test", users, sasrec.config.max_history)).float()  # (U, N)
     rng = np.random.default_rng(0)
     full_mask = ~split.interaction_mask(users)
     # the unconstrained best items banned for half the users: top_k must search past them
@@ -427,13 +427,13 @@ def test_full_ranking_oracle_constant_and_adversarial_rerankers(setup):
     targets = split.targets("test")
     for k in (10, 30):  # 30 retrieves most targets, 10 misses some: both must occur across k
         oracle = _TargetScorer(targets, 1.0)
-        values, hit = full_ranking_metrics(oracle, retriever, split, users, k, sasrec.config.max_len)
+        values, hit = full_ranking_metrics(oracle, retriever, split, users, k, sasrec.config.max_history)
         assert set(values) == set(PROTOCOLS["full"].metrics) and hit.shape == (NUM_USERS,)
         retrieved = oracle.seen[-1]
         assert retrieved.shape == (NUM_USERS, k)
         assert torch.equal(hit, (retrieved == torch.from_numpy(targets)[:, None]).any(1))
         # the reranker sees the retriever's items for the same users
-        history = torch.from_numpy(split.histories("test", sasrec.config.max_len, users))
+        history = torch.from_numpy(split.histories("test", sasrec.config.max_history, users))
         allowed = ~split.interaction_mask(users)
         allowed[users, targets] = True
         assert torch.equal(retrieved, torch.from_numpy(retriever.top_k(history, allowed, k)))
@@ -441,19 +441,19 @@ def test_full_ranking_oracle_constant_and_adversarial_rerankers(setup):
         for name in ("recall@10", "recall@20", "ndcg@10"):
             assert torch.equal(values[name].double(), hit.double()), (k, name)
         # constant reranker: the target is tied with the k-1 other retrieved items (expected rank)
-        flat, hit_flat = full_ranking_metrics(_TargetScorer(targets, 0.0), retriever, split, users, k, sasrec.config.max_len)
+        flat, hit_flat = full_ranking_metrics(_TargetScorer(targets, 0.0), retriever, split, users, k, sasrec.config.max_history)
         assert torch.equal(hit_flat, hit)
         torch.testing.assert_close(flat["recall@10"].double(), hit.double() * min(10, k) / k)
         if k == 10:
             assert hit.any() and not hit.all()  # both cases are exercised
 
     # adversarial: the target scores lowest among more than 20 retrieved items -> nothing in the top 20
-    worst, hit = full_ranking_metrics(_TargetScorer(targets, -1.0), retriever, split, users, 30, sasrec.config.max_len)
+    worst, hit = full_ranking_metrics(_TargetScorer(targets, -1.0), retriever, split, users, 30, sasrec.config.max_history)
     assert hit.any()
     for name in ("recall@10", "recall@20", "ndcg@10"):
         assert torch.count_nonzero(worst[name]) == 0, name
     # lowest of 21 retrieved items: rank 20, just outside recall@20
-    worst21, _ = full_ranking_metrics(_TargetScorer(targets, -1.0), retriever, split, users, 21, sasrec.config.max_len)
+    worst21, _ = full_ranking_metrics(_TargetScorer(targets, -1.0), retriever, split, users, 21, sasrec.config.max_history)
     assert torch.count_nonzero(worst21["recall@20"]) == 0
 
 

@@ -29,7 +29,7 @@ def home(tmp_path_factory):
     """A cache root holding a tiny SASRec for seed 0 and a random 12-wide item feature table."""
     root = tmp_path_factory.mktemp("home")
     torch.manual_seed(0)
-    sasrec = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden_size=8, max_len=7))
+    sasrec = SASRec(SASRecConfig(num_items=DATASET.num_items, hidden_size=8, max_history=7))
     sasrec.save_pretrained(sasrec_checkpoint_dir(DATASET.name, 0, root), provenance={"dataset_fingerprint": DATASET.fingerprint()})
     np.save(root / "features.npy", np.random.default_rng(0).normal(size=(DATASET.num_items, 12)).astype(np.float32))
     return root
@@ -48,7 +48,7 @@ def test_fused_lists_store_the_retrievers_score_of_every_candidate(home, tmp_pat
     recipe = _recipe(home, tmp_path, negative_pool=6)
     retriever, name = recipe_retriever(recipe, DATASET)
     assert isinstance(retriever, FaissRetriever) and name == "sasrec:synthetic:seed0"
-    lists = build_training_lists(SPLIT, recipe, history_width(recipe), retriever, name, fusion=True)
+    lists = build_training_lists(SPLIT, recipe, history_width(recipe), retriever, name, scored=True)
     assert lists.histories.shape[1] == 6  # the user encoder's window, longer than H = 4
     for row in (0, 5, len(lists) - 1):  # recompute from the full history before the target
         seq = SPLIT.train_sequence(lists.users[row]).tolist()
@@ -58,8 +58,8 @@ def test_fused_lists_store_the_retrievers_score_of_every_candidate(home, tmp_pat
         history[0, 7 - len(past) :] = torch.tensor(past)
         expected = retriever.candidate_scores(history, torch.from_numpy(lists.candidates[row : row + 1]))[0]
         torch.testing.assert_close(torch.from_numpy(lists.retriever_scores[row]), expected)
-    with pytest.raises(RecipeError, match="^fusion: needs the retriever"):
-        build_training_lists(SPLIT, recipe, fusion=True)
+    with pytest.raises(RecipeError, match="^fusion: .*need the retriever"):
+        build_training_lists(SPLIT, recipe, scored=True)
 
 
 def test_user_tokens_and_gate_train_and_score_through_the_protocol_interface(home, tmp_path):

@@ -269,7 +269,7 @@ def test_item_features_sasrec_checkpoint_and_concatenation(tmp_path):
 
     dataset = make_synthetic_dataset(seed=0)
     torch.manual_seed(0)
-    sasrec = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=8, max_len=5))
+    sasrec = SASRec(SASRecConfig(num_items=dataset.num_items, hidden_size=8, max_history=5))
     home = tmp_path / "home"
     folder = home / "checkpoints" / f"sasrec-{dataset.name}-seed0"
     sasrec.save_pretrained(folder, provenance={"dataset_fingerprint": dataset.fingerprint()})

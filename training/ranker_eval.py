@@ -135,7 +135,7 @@ def per_user_metrics(ranker: Ranker, split: LeaveOneOutSplit, protocol: str, use
             values = ranking_metrics(scores, targets, PROTOCOLS["full"].metrics, allowed)
         else:
             with torch.inference_mode():
-                values, _ = full_ranking_metrics(ranker, retriever, split, block, k, retriever.sasrec.config.max_len)
+                values, _ = full_ranking_metrics(ranker, retriever, split, block, k, retriever.max_history)
         for name, value in values.items():
             parts.setdefault(name, []).append(value.float().numpy())
         bar.update(len(block))
@@ -409,7 +409,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     entries: list[tuple[Ranker, dict[str, Any]]] = [
         (PopularityRanker.fit(split), {"name": "Popularity", "kind": "popularity"}),
-        (sasrec, {"name": f"SASRec (H={sasrec.config.max_len})", "kind": "sasrec",
+        (sasrec, {"name": f"SASRec (H={sasrec.config.max_history})", "kind": "sasrec",
                   "checkpoint": str(sasrec_checkpoint_dir(dataset.name, seeds[0], args.cache_dir or "$MIXLLM_HOME"))}),
     ]  # fmt: skip
     llm_rankers: list[ProtocolRanker] = []
@@ -475,7 +475,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     targets = split.targets(SPLIT)[users_all]
     allowed = ~split.interaction_mask(users_all)
     allowed[users_all, targets] = True
-    history = torch.from_numpy(split.histories(SPLIT, sasrec.config.max_len, users_all))
+    history = torch.from_numpy(split.histories(SPLIT, sasrec.config.max_history, users_all))
     recall = {str(depth): float((retriever.top_k(history, allowed, depth) == targets[:, None]).any(1).mean()) for depth in depths}
 
     speed = {}

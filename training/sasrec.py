@@ -40,7 +40,7 @@ class SASRecTrainConfig:
     """Self-attention blocks."""
     num_heads: int = 1
     """Attention heads per block."""
-    max_len: int = 50
+    max_history: int = 50
     """History positions the model reads (training windows and evaluation histories)."""
     ffn_size: int = 256
     """Feed-forward width inside each block."""
@@ -90,7 +90,7 @@ class SASRecTrainConfig:
             hidden_size=self.hidden_size,
             num_blocks=self.num_blocks,
             num_heads=self.num_heads,
-            max_len=self.max_len,
+            max_history=self.max_history,
             ffn_size=self.ffn_size,
             dropout=self.dropout,
         )
@@ -120,7 +120,7 @@ class SASRecDataModule(L.LightningDataModule):
     def __init__(self, split: LeaveOneOutSplit, config: SASRecTrainConfig, seed: int) -> None:
         super().__init__()
         self.split, self.config, self.seed = split, config, seed
-        inputs, targets = training_windows(split.train_sequences(), config.max_len)  # (M, L) each
+        inputs, targets = training_windows(split.train_sequences(), config.max_history)  # (M, L) each
         self.train_set = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(targets))
 
     def train_dataloader(self) -> DataLoader:

@@ -5,7 +5,7 @@ item's input embedding (tied weights), so :meth:`SASRec.item_embeddings` is the 
 feature the student ranker reads.
 
 Differences from the paper, each a common modern choice: pre-LayerNorm blocks with GELU,
-positions counted back from the most recent item (so a history of any length up to ``max_len``
+positions counted back from the most recent item (so a history of any length up to ``max_history``
 lines up the same way), and training with a full softmax over the catalog (``training/sasrec.py``)
 instead of one sampled negative with BCE.
 """
@@ -43,8 +43,8 @@ class SASRecConfig:
     """Self-attention blocks."""
     num_heads: int = 1
     """Attention heads per block (must divide hidden_size)."""
-    max_len: int = 50
-    """Longest history the model reads; longer ones keep their most recent max_len items."""
+    max_history: int = 50
+    """Longest history the model reads; longer ones keep their most recent max_history items."""
     ffn_size: int = 256
     """Width of the feed-forward layer inside each block."""
     dropout: float = 0.2
@@ -53,8 +53,8 @@ class SASRecConfig:
     def __post_init__(self) -> None:
         if self.num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {self.num_items}")
-        if self.hidden_size < 1 or self.num_blocks < 1 or self.max_len < 1 or self.ffn_size < 1:
-            raise ValueError("hidden_size, num_blocks, max_len and ffn_size must be >= 1")
+        if self.hidden_size < 1 or self.num_blocks < 1 or self.max_history < 1 or self.ffn_size < 1:
+            raise ValueError("hidden_size, num_blocks, max_history and ffn_size must be >= 1")
         if self.num_heads < 1 or self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         if not 0.0 <= self.dropout < 1.0:
@@ -99,9 +99,9 @@ class SASRec(nn.Module, Ranker):
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.config = config
-        self.max_history = config.max_len
+        self.max_history = config.max_history
         self.item_embedding = nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0)  # row 0 = PAD
-        self.position_embedding = nn.Embedding(config.max_len, config.hidden_size)  # 0 = most recent
+        self.position_embedding = nn.Embedding(config.max_history, config.hidden_size)  # 0 = most recent
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(SASRecBlock(config) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(config.hidden_size)
@@ -121,14 +121,14 @@ class SASRec(nn.Module, Ranker):
         """Hidden state after each position of a left-padded history.
 
         Args:
-            history: ``(B, L)`` item indices, ``PAD`` (-1) on the left; ``L <= max_len``.
+            history: ``(B, L)`` item indices, ``PAD`` (-1) on the left; ``L <= max_history``.
 
         Returns:
             ``(B, L, D)``; position ``t`` has attended to real items at positions ``<= t``.
         """
         B, L = history.shape
-        if L > self.config.max_len:
-            raise ValueError(f"history length {L} exceeds max_len {self.config.max_len}")
+        if L > self.config.max_history:
+            raise ValueError(f"history length {L} exceeds max_history {self.config.max_history}")
         real = history != PAD  # (B, L)
         positions = torch.arange(L - 1, -1, -1, device=history.device)  # (L,) distance from the end
         x = self.item_embedding(history + 1) * math.sqrt(self.config.hidden_size)  # (B, L, D)
@@ -147,7 +147,7 @@ class SASRec(nn.Module, Ranker):
 
     def user_vectors(self, history: torch.Tensor) -> torch.Tensor:
         """``(B, D)`` hidden state at the most recent history position."""
-        return self.forward(history[:, -self.config.max_len :])[:, -1]
+        return self.forward(history[:, -self.config.max_history :])[:, -1]
 
     def logits(self, history: torch.Tensor) -> torch.Tensor:
         """``(B, L, N)`` next-item logits at every position (for training)."""
@@ -178,7 +178,10 @@ class SASRec(nn.Module, Ranker):
         """Load a model written by :meth:`save_pretrained` (eval mode)."""
         directory = Path(directory)
         payload = json.loads((directory / CONFIG_NAME).read_text())
-        model = cls(SASRecConfig(**payload["config"]))
+        config = dict(payload["config"])
+        if "max_len" in config:  # checkpoints written before H had one name everywhere
+            config["max_history"] = config.pop("max_len")
+        model = cls(SASRecConfig(**config))
         model.load_state_dict(load_file(directory / WEIGHTS_NAME))
         return model.eval()
 
@@ -188,30 +191,30 @@ def load_item_embeddings(directory: str | Path) -> torch.Tensor:
     return load_file(Path(directory) / ITEM_EMBEDDINGS_NAME)["item_embeddings"]
 
 
-def training_windows(sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Next-item training pairs from each user's training sequence, in windows of ``max_len``.
+def training_windows(sequences: list[np.ndarray], max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next-item training pairs from each user's training sequence, in windows of ``max_history``.
 
     A sequence ``s_1 .. s_n`` gives inputs ``s_1 .. s_{n-1}`` and targets ``s_2 .. s_n`` (target at
-    position t = item after input t). Sequences longer than ``max_len + 1`` are cut from the end into
+    position t = item after input t). Sequences longer than ``max_history + 1`` are cut from the end into
     consecutive windows, so every training interaction after the first is a target exactly once.
     Windows are left-padded with ``PAD`` in both arrays.
 
     Returns:
-        ``(inputs, targets)``, both ``(num_windows, max_len)`` int64.
+        ``(inputs, targets)``, both ``(num_windows, max_history)`` int64.
     """
     inputs, targets = [], []
     for seq in sequences:
         seq = np.asarray(seq, dtype=np.int64)
-        for end in range(len(seq) - 1, 0, -max_len):  # end = one past the last input position
-            start = max(0, end - max_len)
-            row_in = np.full(max_len, PAD, dtype=np.int64)
-            row_out = np.full(max_len, PAD, dtype=np.int64)
-            row_in[max_len - (end - start) :] = seq[start:end]
-            row_out[max_len - (end - start) :] = seq[start + 1 : end + 1]
+        for end in range(len(seq) - 1, 0, -max_history):  # end = one past the last input position
+            start = max(0, end - max_history)
+            row_in = np.full(max_history, PAD, dtype=np.int64)
+            row_out = np.full(max_history, PAD, dtype=np.int64)
+            row_in[max_history - (end - start) :] = seq[start:end]
+            row_out[max_history - (end - start) :] = seq[start + 1 : end + 1]
             inputs.append(row_in)
             targets.append(row_out)
     if not inputs:
-        return np.zeros((0, max_len), np.int64), np.zeros((0, max_len), np.int64)
+        return np.zeros((0, max_history), np.int64), np.zeros((0, max_history), np.int64)
     return np.stack(inputs), np.stack(targets)
 
 
