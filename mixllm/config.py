@@ -70,6 +70,12 @@ class ItemConfig:
     token: str = "<item>"
     """Placeholder token, one per item before expansion."""
 
+    def __post_init__(self) -> None:
+        if self.tokens_per_item < 1:
+            raise ValueError(f"item.tokens_per_item must be >= 1, got {self.tokens_per_item}")
+        if self.projector not in PROJECTOR_TYPES:
+            raise ValueError(f"item.projector {self.projector!r} is not one of {PROJECTOR_TYPES}")
+
 
 @dataclass
 class UserConfig:
@@ -93,6 +99,13 @@ class UserConfig:
     """Projector type: "linear" or "mlp2x_gelu"."""
     token: str = "<user>"
     """Placeholder token, one per user before expansion."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "max_history"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"user.{name} must be >= 1, got {getattr(self, name)}")
+        if self.projector not in PROJECTOR_TYPES:
+            raise ValueError(f"user.projector {self.projector!r} is not one of {PROJECTOR_TYPES}")
 
 
 @dataclass
@@ -139,13 +152,8 @@ class MixLLMConfig:
                 raise ValueError(f"image.vision_feature_layer must be an integer, a non-empty list of them or null, got {layers!r}")
         if self.image is not None and self.image.pooled_grid is not None and self.image.pooled_grid < 1:
             raise ValueError(f"image.pooled_grid must be >= 1 or null, got {self.image.pooled_grid}")
-        if self.item is not None:
-            if self.item.tokens_per_item < 1:
-                raise ValueError(f"item.tokens_per_item must be >= 1, got {self.item.tokens_per_item}")
-            if self.item.feature_dim <= 0 and self.item.num_items <= 0:
-                raise ValueError("item modality needs feature_dim > 0 or num_items > 0 (or both)")
-        if self.user is not None and (self.user.num_tokens < 1 or self.user.max_history < 1):
-            raise ValueError(f"user.num_tokens and user.max_history must be >= 1, got {self.user}")
+        if self.item is not None and self.item.feature_dim <= 0 and self.item.num_items <= 0:
+            raise ValueError("item modality needs feature_dim > 0 or num_items > 0 (or both)")
 
     @property
     def modalities(self) -> list[str]:

@@ -132,6 +132,7 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
         ({"item": {"feature_dim": 8}}, "item.feature_dim"),
         ({"item": {"projector": "conv"}}, "item.projector"),
         ({"user": {"item_dim": 8}}, "user.item_dim"),
+        ({"user": {"num_tokens": 0}}, "user.num_tokens"),
         ({"fine_tuning": "lora"}, "fine_tuning"),
         ({"targets_per_user": 0}, "targets_per_user"),
         ({"negative_pool": 2}, "negative_pool"),

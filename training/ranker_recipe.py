@@ -20,7 +20,6 @@ from mixllm.data import PROTOCOLS
 from mixllm.errors import DataError
 from mixllm.features import parse_feature_spec
 from mixllm.lora import LoRAConfig
-from mixllm.projector import PROJECTOR_TYPES
 from training.recipe import RecipeError, read_recipe
 
 ROLES = ("teacher", "student")
@@ -209,8 +208,6 @@ class RankerRecipe:
             raise RecipeError("val_protocol", f"must be a sampled protocol {sampled}, got {self.val_protocol!r}")
         if self.lora is not None and not self.freeze_language_model:
             raise RecipeError("lora", "adapters train on a frozen LLM: set freeze_language_model: true, or lora: null for full fine-tuning")
-        if self.item.projector not in PROJECTOR_TYPES:
-            raise RecipeError("item.projector", f"must be one of {PROJECTOR_TYPES}, got {self.item.projector!r}")
         if self.user is not None and self.role == "teacher":
             raise RecipeError("user", "the teacher reads text only; user tokens belong to the student (user: null)")
         if not self.lr > 0:
