@@ -92,7 +92,7 @@ rankers-ablations: setup
 
 # Issue 11's first CPU experiment (not the served default yet): the user-token student of
 # training/configs/student_user.yaml (~30 min on the 2-core CPU), its SASRec fusion gate fitted on the
-# validation lists, and both scored beside SASRec and the committed student on the first 300 test users
+# validation lists, and both scored beside Popularity and SASRec on the first 300 test users
 # (sampled-20 on candidate seeds 0/1/2, full ranking reranking SASRec's top 20 and 50)
 # -> reports/ml100k_student_user.{json,md}.
 rankers-user: setup
@@ -100,8 +100,7 @@ rankers-user: setup
 	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user/ranker --output runs/student_user_fused/ranker
 	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 full --max-users 300 --retrieve 20 50 --speed-requests 16 \
 		--output reports/ml100k_student_user.json --checkpoint "student (user tokens)=runs/student_user/ranker" \
-		"student (user tokens) + SASRec, fused=runs/student_user_fused/ranker" "student (distilled)=checkpoints/student" \
-		--student "student (user tokens) + SASRec, fused"
+		"student (user tokens) + SASRec, fused=runs/student_user_fused/ranker" --student "student (user tokens) + SASRec, fused"
 
 rankers-eval: setup
 	$(VENV)/bin/mixllm eval ranker --checkpoint teacher=checkpoints/teacher "student (distilled)=checkpoints/student" \
