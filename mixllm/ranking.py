@@ -141,6 +141,8 @@ class RankingPrompt:
     user_history: torch.Tensor | None = None
     """(L, F_user) the item vectors the user encoder reads, oldest first, for the prefix's one
     ``<user>`` placeholder (a student with the user modality and a non-empty history), else None."""
+    retriever_scores: torch.Tensor | None = None
+    """(C,) float32 the request's retriever scores, one per candidate (score fusion), else None."""
 
     @property
     def prefix_len(self) -> int:
@@ -364,18 +366,18 @@ def collate_prompts(prompts: Sequence[RankingPrompt], pad_token_id: int, dtype: 
     return RankingInputs(
         input_ids, mask, position_ids, score_index, candidate_mask, cat("item_features"), cat("item_ids"),
         [p.num_tokens for p in prompts], user_history=user_history, user_history_mask=user_history_mask,
+        retriever_scores=pad_retriever_scores(prompts, candidate_mask.shape[1]),
     )
 
 
-def pad_retriever_scores(requests: Sequence[RankingRequest], c_max: int) -> torch.Tensor | None:
-    """(B, C_max) float32 the requests' ``retriever_scores``, 0 on padded candidate slots; None when
-    no request has any.
+def pad_retriever_scores(prompts: Sequence[RankingPrompt], c_max: int) -> torch.Tensor | None:
+    """(B, C_max) float32 the prompts' ``retriever_scores``, 0 on padded candidate slots; None when
+    no prompt has any.
 
     Raises:
-        DataError: only some requests have them, a request has not one per candidate, or one is
-            not finite (``gate * inf`` would poison the score even with the gate at 0).
+        DataError: only some requests of the batch have them.
     """
-    given = [r.retriever_scores is not None for r in requests]
+    given = [p.retriever_scores is not None for p in prompts]
     if not any(given):
         return None
     if not all(given):
@@ -383,17 +385,25 @@ def pad_retriever_scores(requests: Sequence[RankingRequest], c_max: int) -> torc
             f"request {given.index(False)}: no retriever_scores while other requests of the batch have them; "
             "give them for every request or none"
         )
-    out = torch.zeros(len(requests), c_max)
-    for b, r in enumerate(requests):
-        row = torch.as_tensor(r.retriever_scores, dtype=torch.float32).reshape(-1)
-        if row.shape[0] != len(r.candidates):
-            raise DataError(
-                f"request {b}: {row.shape[0]} retriever_scores for {len(r.candidates)} candidates; give one per candidate"
-            )
-        if not bool(torch.isfinite(row).all()):
-            raise DataError(f"request {b}: retriever_scores hold a non-finite value: {row.tolist()}")
-        out[b, : row.shape[0]] = row
+    out = torch.zeros(len(prompts), c_max)
+    for b, p in enumerate(prompts):
+        out[b, : len(p.retriever_scores)] = p.retriever_scores
     return out
+
+
+def _request_retriever_scores(request: RankingRequest, index: int) -> torch.Tensor | None:
+    """(C,) float32 ``request.retriever_scores`` checked: one per candidate, all finite (``gate * inf``
+    would poison the score even with the gate at 0); None when the request has none."""
+    if request.retriever_scores is None:
+        return None
+    row = torch.as_tensor(request.retriever_scores, dtype=torch.float32).reshape(-1)
+    if row.shape[0] != len(request.candidates):
+        raise DataError(
+            f"request {index}: {row.shape[0]} retriever_scores for {len(request.candidates)} candidates; give one per candidate"
+        )
+    if not bool(torch.isfinite(row).all()):
+        raise DataError(f"request {index}: retriever_scores hold a non-finite value: {row.tolist()}")
+    return row
 
 
 # --- the ranker ----------------------------------------------------------------------------------
@@ -619,6 +629,7 @@ class MixLLMRanker(nn.Module):
         catalog rows). A request with no history gets no user tokens."""
         if len(request.candidates) == 0:
             raise DataError(f"request {index}: the candidate list is empty")
+        retriever_scores = _request_retriever_scores(request, index)
         limit = self.max_request_history
         if limit is not None and len(request.history) > limit:
             limits = "max_history"
@@ -656,6 +667,7 @@ class MixLLMRanker(nn.Module):
                 f"longest candidate ({max(prompt.segment_lens)} tokens) needs {longest} positions but the model "
                 f"allows {self.max_positions}; shorten the history"
             )
+        prompt.retriever_scores = retriever_scores
         return prompt
 
     def _item_inputs(self, history: list[int], candidates: list[int]) -> dict[str, Any]:
@@ -674,12 +686,10 @@ class MixLLMRanker(nn.Module):
 
     def prepare(self, requests: Sequence[RankingRequest]) -> RankingInputs:
         """Tokenize and pad a batch of requests (on the CPU; call ``.to(device)`` as needed); the
-        requests' ``retriever_scores``, if any, become ``RankingInputs.retriever_scores``."""
+        requests' ``retriever_scores``, if any, travel in their prompts to ``RankingInputs.retriever_scores``."""
         if not requests:
             raise DataError("requests: the batch is empty")
-        inputs = self.collate([self.build_prompt(r, i) for i, r in enumerate(requests)])
-        inputs.retriever_scores = pad_retriever_scores(requests, inputs.candidate_mask.shape[1])
-        return inputs
+        return self.collate([self.build_prompt(r, i) for i, r in enumerate(requests)])
 
     def collate(self, prompts: Sequence[RankingPrompt]) -> RankingInputs:
         """Pad tokenized prompts (:meth:`build_prompt`, or the prompt builder's own) into a batch in

@@ -24,7 +24,7 @@ import torch
 
 from mixllm.data import PAD
 from mixllm.errors import DataError
-from mixllm.ranking import MixLLMRanker, RankingRequest, pad_retriever_scores
+from mixllm.ranking import MixLLMRanker, RankingRequest
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
 from serving.errors import Invalid, NotFound
@@ -171,9 +171,7 @@ class RankingService:
                         out[i] = Invalid(str(error), field="request")
                 if not prompts:
                     return out
-                inputs = ranker.collate([p for _, p in prompts])
-                inputs.retriever_scores = pad_retriever_scores([requests[i] for i, _ in prompts], inputs.candidate_mask.shape[1])
-                inputs = inputs.to(next(ranker.parameters()).device)
+                inputs = ranker.collate([p for _, p in prompts]).to(next(ranker.parameters()).device)
                 item_embeds = ranker.gather_item_tokens(inputs)  # a copy: later cache writes cannot reach it
             scores = ranker(inputs, item_embeds=item_embeds).float().cpu()
         for b, (i, prompt) in enumerate(prompts):
@@ -189,10 +187,9 @@ class RankingService:
         model = self.model(model_name)
         self._check_candidates(candidates)
         # Store reads and the catalog lock (held by a running forward) stay off the event loop.
-        context, rows = await asyncio.to_thread(self._resolve, user_id, history, model.max_history, candidates)
-        request = await asyncio.to_thread(self.request_for, model, context, rows)
+        context, request = await asyncio.to_thread(self._rank_request, model, user_id, history, candidates)
         scores, tokens = await self._score(model, request)
-        order = torch.argsort(scores, descending=True, stable=True).tolist()[: top_n or len(rows)]
+        order = torch.argsort(scores, descending=True, stable=True).tolist()[: top_n or len(candidates)]
         results = [{"item_id": candidates[i], "index": i, "score": float(scores[i])} for i in order]
         return Ranked(model.name, results, tokens, context.describe())
 
@@ -206,6 +203,11 @@ class RankingService:
             request.retriever_scores = scores[0].tolist()
         return request
 
+    def _rank_request(self, model: ServedModel, user_id, history, candidates: Sequence[str]) -> tuple[UserContext, RankingRequest]:
+        """(worker thread) The user and the request of ``candidates``, in one trip off the event loop."""
+        context, rows = self._resolve(user_id, history, model.max_history, candidates)
+        return context, self.request_for(model, context, rows)
+
     def _resolve(self, user_id, history, max_history: int, candidates: Sequence[str] = (),
                  with_seen: bool = False) -> tuple[UserContext, list[int]]:
         """(worker thread) Pull other replicas' catalog changes, then the user's rows and the candidates' rows."""
@@ -218,10 +220,10 @@ class RankingService:
         model = self.model(model_name)
         if self.catalog.retriever is None:
             raise NotFound("recommend: this service runs without a retriever (--sasrec)", field="sasrec")
-        context, candidates = await asyncio.to_thread(self._retrieve, user_id, history, model.max_history, exclude_seen)
-        if not candidates:
+        context, request = await asyncio.to_thread(self._retrieve, model, user_id, history, exclude_seen)
+        if request is None:
             return Ranked(model.name, [], 0, context.describe())
-        request = await asyncio.to_thread(self.request_for, model, context, candidates)
+        candidates = request.candidates
         scores, tokens = await self._score(model, request)
         order = torch.argsort(scores, descending=True, stable=True).tolist()[:k]
         ids = self.catalog.item_ids
@@ -229,18 +231,20 @@ class RankingService:
                     "text": self.catalog.texts[candidates[i]]} for i in order]
         return Ranked(model.name, results, tokens, context.describe())
 
-    def _retrieve(self, user_id, history, max_history: int, exclude_seen: bool) -> tuple[UserContext, list[int]]:
-        """(worker thread) The user and the retriever's top ``retrieve`` rows among the allowed items."""
-        context, _ = self._resolve(user_id, history, max_history, with_seen=exclude_seen)
+    def _retrieve(self, model: ServedModel, user_id, history, exclude_seen: bool) -> tuple[UserContext, RankingRequest | None]:
+        """(worker thread) The user and the request of the retriever's top ``retrieve`` rows among the
+        allowed items (None when no item is allowed)."""
+        context, _ = self._resolve(user_id, history, model.max_history, with_seen=exclude_seen)
         with self.catalog.lock:
             allowed = self.catalog.live.copy()
             if exclude_seen and context.seen:
                 allowed[list(context.seen)] = False
             available = int(allowed.sum())
             if available == 0:
-                return context, []
+                return context, None
             pool = min(self.settings.retrieve, available)
-            return context, self.catalog.retriever.top_k(context.retrieval_history(), allowed[None], pool)[0].tolist()
+            candidates = self.catalog.retriever.top_k(context.retrieval_history(), allowed[None], pool)[0].tolist()
+        return context, self.request_for(model, context, candidates)
 
     async def rerank(self, query: str, documents: Sequence[str], model_name: str | None = None) -> tuple[str, list[float], int]:
         """(model name, one score per document, prompt tokens): through the model's batcher, so a

@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mixllm.baselines import PopularityRanker, TextSimilarityRanker
@@ -35,6 +34,7 @@ from mixllm.data import (
 from mixllm.errors import MixLLMError
 from mixllm.features import sasrec_checkpoint_dir
 from mixllm.provenance import atomic_write_text, git_revision, machine_info
+from mixllm.stats import mean_std
 from training.sasrec import SASRecTrainConfig, train_sasrec
 
 log = logging.getLogger(__name__)
@@ -207,13 +207,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def _stats(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-        "n": len(array),
-        "values": [float(v) for v in array],
-    }
+    """``mixllm.stats.mean_std`` plus the values themselves (the report keeps every seed's)."""
+    return {**mean_std(values), "values": [float(v) for v in values]}
 
 
 # --- report ---------------------------------------------------------------------------------------

@@ -84,8 +84,7 @@ def full_ranking_metrics(reranker: Ranker, retriever: FaissRetriever, split: Lea
     whether the target was retrieved at all."""
     protocol = PROTOCOLS["full"]
     targets = torch.from_numpy(split.targets(SPLIT)[users])
-    allowed = ~split.interaction_mask(users)
-    allowed[np.arange(len(users)), targets.numpy()] = True
+    allowed = split.full_ranking_mask(SPLIT, users)
     history = torch.from_numpy(split.histories(SPLIT, retrieval_history, users))
     retrieved = torch.from_numpy(retriever.top_k(history, allowed, k))  # (B, k)
     scores = reranker.score(make_batch(split, SPLIT, users, reranker.max_history, retrieved))  # (B, k)
@@ -130,8 +129,7 @@ def per_user_metrics(ranker: Ranker, split: LeaveOneOutSplit, protocol: str, use
             with torch.inference_mode():
                 scores = ranker.score_all(batch).float()
             targets = torch.from_numpy(split.targets(SPLIT)[block])
-            allowed = torch.from_numpy(~split.interaction_mask(block))
-            allowed[torch.arange(len(block)), targets] = True
+            allowed = torch.from_numpy(split.full_ranking_mask(SPLIT, block))
             values = ranking_metrics(scores, targets, PROTOCOLS["full"].metrics, allowed)
         else:
             with torch.inference_mode():
@@ -473,8 +471,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     # Retrieval recall@k at each depth (the ceiling of every reranker's full-ranking recall).
     users_all = np.arange(n_users)
     targets = split.targets(SPLIT)[users_all]
-    allowed = ~split.interaction_mask(users_all)
-    allowed[users_all, targets] = True
+    allowed = split.full_ranking_mask(SPLIT, users_all)
     history = torch.from_numpy(split.histories(SPLIT, sasrec.config.max_history, users_all))
     recall = {str(depth): float((retriever.top_k(history, allowed, depth) == targets[:, None]).any(1).mean()) for depth in depths}
 

@@ -144,9 +144,7 @@ def score_users(
         batch = make_batch(split, which, users, ranker.max_history)
         scores = ranker.score_all(batch)  # (B, N)
         target_index = torch.from_numpy(targets[users])
-        # Rank against everything the user has not interacted with; the target stays in.
-        mask = torch.from_numpy(~split.interaction_mask(users))
-        mask[torch.arange(len(users)), target_index] = True
+        mask = torch.from_numpy(split.full_ranking_mask(which, users))  # the target stays in
         expected = (len(users), split.num_items)
     else:
         batch = make_batch(split, which, users, ranker.max_history, candidates.candidates[users])

@@ -116,6 +116,14 @@ class LeaveOneOutSplit:
         mask[rows, cols] = True
         return mask
 
+    def full_ranking_mask(self, which: Split, users: np.ndarray) -> np.ndarray:
+        """``(len(users), num_items)`` bool: what full ranking ranks the ``which`` target among --
+        every item the user never interacted with, plus the target itself."""
+        users = np.asarray(users, dtype=np.int64)
+        mask = ~self.interaction_mask(users)
+        mask[np.arange(len(users)), self.targets(which)[users]] = True
+        return mask
+
 
 def leave_one_out(dataset: InteractionDataset) -> LeaveOneOutSplit:
     """Split every user's time-ordered interactions: last = test, second to last = validation."""
