@@ -538,7 +538,10 @@ def test_one_seed_a_protocol_subset_and_missing_rows_skip_their_comparisons(setu
     skipped = {key: c["skipped"] for key, c in comparisons.items() if "skipped" in c}
     assert skipped == {"reranked_vs_sasrec_order": "full was not scored (--protocols)",
                        "student_vs_teacher": "no teacher row in this report",
-                       "distilled_vs_labels_only": "no labels-only student row in this report"}  # fmt: skip
+                       "distilled_vs_labels_only": "no labels-only student row in this report",
+                       **{key: "no fusion-off row of a fused student row in this report"
+                          for key in ("fused_vs_alone", "alone_vs_sasrec")},
+                       "alone_vs_teacher": "no fusion-off row of a fused student and no teacher row in this report"}  # fmt: skip
     assert set(subset["targets"]) == {"hr1_vs_sasrec"}
     text = output.with_suffix(".md").read_text()
     assert "—" in text and "- student_vs_teacher: skipped — no teacher row in this report" in text
@@ -568,3 +571,55 @@ def test_the_named_student_is_the_one_compared_and_never_its_own_labels_only_twi
     del rows[2]["default_student"]  # no --student: the first distilled student, the first labels-only one
     roles = ranker_eval._roles(rows)
     assert roles["student"]["name"] == "distilled" and roles["labels"]["name"] == "user tokens"
+
+
+def test_a_fused_student_gets_a_fusion_off_row_from_the_same_forward(setup, tmp_path, monkeypatch):
+    """A fused checkpoint is reported twice: fused, and alone (fused minus gate x SASRec score, which is
+    the unfused ranker's score), the second row costing no forward; the comparisons name both."""
+    from torch import nn
+
+    texts = setup["dataset"].item_texts
+    source = MixLLMRanker.from_pretrained(setup["labels"], ItemCatalog(texts=texts))
+    source.fusion_gate = nn.Parameter(torch.tensor(0.7))
+    fused_dir = tmp_path / "fused"
+    run = json.loads((Path(setup["labels"]) / "training_run.json").read_text())
+    source.save_pretrained(fused_dir, provenance=run)
+    (fused_dir / "training_run.json").write_text(json.dumps(run))
+    scored: list[tuple[bytes, bytes]] = []
+    original = ProtocolRanker.score
+
+    def spy(self, batch):
+        if self.retriever is not None:  # the fused ranker's forwards
+            scored.append((np.asarray(batch.history).tobytes(), np.asarray(batch.candidates).tobytes()))
+        return original(self, batch)
+
+    monkeypatch.setattr(ProtocolRanker, "score", spy)
+    output = tmp_path / "fused.json"
+    data = _eval(setup, "--speed-requests", "2", "--speed-batch-size", "2", "--batch-size", "4", "--student", "fused",
+                 checkpoints=[f"fused={fused_dir}", f"unfused={setup['labels']}"], output=output, seeds=(0, 1))  # fmt: skip
+    assert scored and len(set(scored)) == len(scored), "the fusion-off row must reuse the fused row's forwards"
+    rows = _rows(data)
+    alone = rows["fused [alone: fusion off]"]
+    assert alone["fusion_off_of"] == "fused" and rows["fused"]["fusion"]["gate"] == pytest.approx(0.7)
+    assert "speed" in rows["fused"] and "speed" not in alone
+    # the alone row scores as the unfused checkpoint does (same lists, same users)
+    for protocol in ("sampled-20", "sampled-100"):
+        for metric, stats in alone["metrics"][protocol].items():
+            assert stats["mean"] == pytest.approx(rows["unfused"]["metrics"][protocol][metric]["mean"], abs=0.05), metric
+    split, sasrec = setup["split"], _sasrec(setup)
+    parts = ranker_eval.FusionParts(ProtocolRanker(MixLLMRanker.from_pretrained(fused_dir, ItemCatalog(texts=texts)), "f",
+                                                   4, retriever=FaissRetriever(sasrec)), "alone")  # fmt: skip
+    users = np.arange(8)
+    lists = ranker_eval.get_candidates(split, PROTOCOLS["sampled-20"], "test", 0, setup["cache"] / "candidates")
+    batch = make_batch(split, "test", users, parts.alone.max_history, lists.candidates[users])
+    unfused = ProtocolRanker(MixLLMRanker.from_pretrained(setup["labels"], ItemCatalog(texts=texts)), "u", 4)
+    with torch.inference_mode():
+        assert torch.allclose(parts.alone.score(batch), unfused.score(batch), atol=1e-4)
+        sasrec_scores = FaissRetriever(sasrec).candidate_scores(batch.history[:, -sasrec.config.max_history :], batch.candidates)
+        assert torch.allclose(parts.fused.score(batch), unfused.score(batch) + 0.7 * sasrec_scores.float(), atol=1e-4)
+    assert parts.forwards == 1
+    comparisons = data["comparisons"]
+    assert comparisons["fused_vs_alone"]["a"] == "fused" and comparisons["fused_vs_alone"]["b"] == alone["name"]
+    assert list(comparisons["alone_vs_sasrec"]["results"]) == ["0", "1"]
+    with pytest.raises(ranker_eval.EvalError, match="not a fused ranker"):
+        ranker_eval.FusionParts(unfused, "x")

@@ -133,27 +133,69 @@ def test_sasrec_as_the_teacher_needs_no_llm_teacher_and_distils_its_scores(home,
     assert seen and all(len(t) == 1 and t[0].shape[1] == 5 for t in seen)  # SASRec's scores of the 5 candidates
 
 
-def test_fit_gate_finds_the_closed_form_optimum():
-    """Two candidates, s = 0, r = [1, 0]; three lists want candidate 0 and one wants candidate 1:
-    f'(g) = sigmoid(g) - 3/4, so the optimal gate is log 3."""
-    from training.fit_fusion import fit_gate
+def test_fusion_fit_finds_the_closed_form_optima():
+    """Two candidates; three lists want candidate 0 and one wants candidate 1, so the optimal fused
+    margin of candidate 0 is log 3 (f'(m) = sigmoid(m) - 3/4)."""
+    from training.fit_fusion import fit_fusion_weights
 
-    scores = torch.zeros(4, 2)
-    retriever = torch.tensor([[1.0, 0.0]] * 4)
     target = torch.tensor([0, 0, 0, 1])
-    assert abs(fit_gate(scores, retriever, target) - float(np.log(3))) < 1e-6
-    assert abs(fit_gate(scores, retriever, torch.tensor([0, 1, 0, 1]))) < 1e-9  # balanced: the ranker alone
+    # the ranker says nothing (s = 0) and SASRec's margin is 1: the gate is log 3, the scale stays 1
+    scale, gate = fit_fusion_weights(torch.zeros(4, 2), torch.tensor([[1.0, 0.0]] * 4), target)
+    assert abs(gate - float(np.log(3))) < 1e-6 and abs(scale - 1.0) < 1e-9
+    scale, gate = fit_fusion_weights(torch.zeros(4, 2), torch.tensor([[1.0, 0.0]] * 4), torch.tensor([0, 1, 0, 1]))
+    assert abs(gate) < 1e-9  # balanced: the ranker alone
+    # an over-confident ranker (margin 4) and an uninformative SASRec: the scale shrinks it to log 3
+    scores = torch.tensor([[4.0, 0.0]] * 4)
+    scale, gate = fit_fusion_weights(scores, torch.zeros(4, 2), target)
+    assert abs(scale - float(np.log(3)) / 4) < 1e-6 and abs(gate) < 1e-9
+    assert fit_fusion_weights(scores, torch.zeros(4, 2), target, fit_scale=False) == (1.0, 0.0)  # gate only: nothing to fit
+    # both informative, different lists: the joint optimum beats the best gate with the scale held at 1
+    g = torch.Generator().manual_seed(0)
+    s, r = torch.randn(64, 5, generator=g) * 3, torch.randn(64, 5, generator=g)
+    t = (s / 3 + r + 0.5 * torch.randn(64, 5, generator=g)).argmax(-1)
+    from training.fit_fusion import listwise_ce
+
+    joint, gate_only = fit_fusion_weights(s, r, t), fit_fusion_weights(s, r, t, fit_scale=False)
+    assert gate_only[0] == 1.0
+    assert listwise_ce(joint[0] * s + joint[1] * r, t) < listwise_ce(s + gate_only[1] * r, t)
+    for ds, dg in ((0.01, 0), (-0.01, 0), (0, 0.01), (0, -0.01)):  # a local (hence, convex, global) minimum
+        assert listwise_ce((joint[0] + ds) * s + (joint[1] + dg) * r, t) >= listwise_ce(joint[0] * s + joint[1] * r, t)
 
 
 def test_fused_checkpoint_has_the_validation_optimal_gate_and_scores_through_the_retriever(home, tmp_path):
     from training.fit_fusion import fuse_checkpoint, listwise_ce
 
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mixllm.errors import MixLLMError
+
     trained = train_ranker(_recipe(home, tmp_path, user=None, fusion=False, max_steps=2)).ranker_dir
     sasrec = SASRec.from_pretrained(sasrec_checkpoint_dir(DATASET.name, 0, home))
-    record = fuse_checkpoint(trained, tmp_path / "fused", sasrec, SPLIT, cache_dir=str(home))
-    gate = record["gate"]
-    assert record["fused"]["ce"] <= record["ranker_alone"]["ce"] + 1e-9
-    fused = MixLLMRanker.from_pretrained(tmp_path / "fused", ItemCatalog(texts=DATASET.item_texts))
+    # the same ranker with its scores negated: the fitted scale flips sign, so exactly one of the two is
+    # refused (a ranker worth a negative weight is not fused) and the other fits |scale| and the same gate
+    flipped = tmp_path / "flipped"
+    shutil.copytree(trained, flipped)
+    head = load_file(flipped / "ranker_head.safetensors")
+    save_file({k: -v if k == "weight" else v for k, v in head.items()}, flipped / "ranker_head.safetensors")
+    records = {}
+    for source in (trained, flipped):
+        try:
+            records[source] = fuse_checkpoint(source, tmp_path / f"fused-{source.parent.name}-{source.name}", sasrec, SPLIT,
+                                              cache_dir=str(home))  # fmt: skip
+        except MixLLMError as error:
+            assert "<= 0" in str(error) and not (tmp_path / f"fused-{source.parent.name}-{source.name}").exists()
+    assert len(records) == 1, "exactly one sign of the ranker's scores earns a positive weight"
+    source, record = next(iter(records.items()))
+    other = flipped if source == trained else trained
+    with pytest.raises(MixLLMError, match="<= 0"):
+        fuse_checkpoint(other, tmp_path / "refused", sasrec, SPLIT, cache_dir=str(home))
+    gate, scale = record["gate"], record["score_scale"]
+    assert scale > 0 and record["fused"]["ce"] <= record["ranker_alone"]["ce"] + 1e-9
+    assert record["fused"]["ce"] <= record["sasrec_alone"]["ce"] + 1e-9
+    trained, fused_dir = source, tmp_path / f"fused-{source.parent.name}-{source.name}"
+    fused = MixLLMRanker.from_pretrained(fused_dir, ItemCatalog(texts=DATASET.item_texts))
     assert float(fused.fusion_gate.detach()) == pytest.approx(gate, abs=1e-6)
     # the fused checkpoint's validation CE is the fitted optimum: no nearby gate does better
     retriever = FaissRetriever(sasrec)
@@ -168,7 +210,13 @@ def test_fused_checkpoint_has_the_validation_optimal_gate_and_scores_through_the
         at_gate = wrapped.score(batch)
         sasrec_scores = retriever.candidate_scores(batch.history[:, -retriever.max_history :], batch.candidates)
     assert listwise_ce(at_gate, target) == pytest.approx(record["fused"]["ce"], abs=1e-5)
+    scaled_ranker = at_gate - gate * sasrec_scores  # the ranker alone, its head scaled by the fitted scale
     for delta in (-0.05, 0.05):
         assert listwise_ce(at_gate + delta * sasrec_scores, target) >= listwise_ce(at_gate, target) - 1e-9
+        assert listwise_ce(at_gate + delta * scaled_ranker, target) >= listwise_ce(at_gate, target) - 1e-9
+    # the scale lives in the score head: the same ranker unfused gives the original scores times the scale
+    original = ProtocolRanker(MixLLMRanker.from_pretrained(trained, ItemCatalog(texts=DATASET.item_texts)), "alone")
+    with torch.no_grad():
+        assert torch.allclose(original.score(batch) * scale, scaled_ranker, atol=1e-4)
     with pytest.raises(Exception, match="already fused"):
-        fuse_checkpoint(tmp_path / "fused", tmp_path / "again", sasrec, SPLIT, cache_dir=str(home))
+        fuse_checkpoint(fused_dir, tmp_path / "again", sasrec, SPLIT, cache_dir=str(home))

@@ -141,6 +141,44 @@ def per_user_metrics(ranker: Ranker, split: LeaveOneOutSplit, protocol: str, use
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
+class FusionParts:
+    """One fused ranker as two report rows scored by one forward: ``fused`` (``score + gate * SASRec
+    score``, what is served) and ``alone`` (its own score, the fused score minus ``gate *`` the SASRec
+    score), so the report shows what the LLM adds beside what fusion adds, at no second forward.
+
+    The fused row must be scored first: each batch's scores are kept (keyed by its histories and
+    candidates) and the alone row reads them; a batch the fused row never scored is scored then."""
+
+    def __init__(self, fused: ProtocolRanker, alone_name: str) -> None:
+        if fused.retriever is None:
+            raise EvalError(f"{fused.name}: not a fused ranker")
+        self.wrapped, self.memo = fused, {}
+        self.fused, self.alone = _FusionPart(self, fused.name, alone=False), _FusionPart(self, alone_name, alone=True)
+        self.forwards = 0
+        """Batches scored by the model (a test checks the alone row adds none)."""
+
+    def scores(self, batch: RankingBatch, alone: bool) -> torch.Tensor:
+        key = (np.asarray(batch.history).tobytes(), np.asarray(batch.candidates).tobytes())
+        if key not in self.memo:
+            fused = self.wrapped.score(batch)  # (B, C) float32
+            self.forwards += 1
+            retriever = self.wrapped.retriever
+            sasrec = retriever.candidate_scores(batch.history[:, -retriever.max_history :], batch.candidates).float()
+            self.memo[key] = (fused, fused - float(self.wrapped.ranker.fusion_gate.detach()) * sasrec)
+        return self.memo[key][1 if alone else 0]
+
+
+class _FusionPart(Ranker):
+    supports_full_ranking = False
+
+    def __init__(self, parts: FusionParts, name: str, alone: bool) -> None:
+        self.parts, self.name, self.is_alone = parts, name, alone
+        self.max_history, self.max_item_history = parts.wrapped.max_history, parts.wrapped.max_item_history
+
+    def score(self, batch: RankingBatch) -> torch.Tensor:
+        return self.parts.scores(batch, self.is_alone)
+
+
 # --- per-user results: mean ± std over seeds, paired comparisons ---------------------------------
 @dataclass(frozen=True)
 class UserMetrics:
@@ -191,8 +229,12 @@ COMPARISONS = (
     ("reranked_vs_sasrec_order", "student", "sasrec", "full", "ndcg@10", "depth"),
     ("student_vs_teacher", "student", "teacher", "sampled-20", "hr@1", "seed"),
     ("distilled_vs_labels_only", "student", "labels", "sampled-20", "hr@1", "seed"),
+    ("fused_vs_alone", "student", "alone", "sampled-20", "hr@1", "seed"),
+    ("alone_vs_sasrec", "alone", "sasrec", "sampled-20", "hr@1", "seed"),
+    ("alone_vs_teacher", "alone", "teacher", "sampled-20", "hr@1", "seed"),
 )
-ROLE_NAMES = {"student": "distilled student", "sasrec": "SASRec", "teacher": "teacher", "labels": "labels-only student"}
+ROLE_NAMES = {"student": "distilled student", "sasrec": "SASRec", "teacher": "teacher", "labels": "labels-only student",
+              "alone": "fusion-off row of a fused student"}  # fmt: skip
 
 
 def _roles(rows: list[dict]) -> dict[str, dict | None]:
@@ -201,9 +243,10 @@ def _roles(rows: list[dict]) -> dict[str, dict | None]:
     trained without a teacher (a labels-only ``--student`` has no distillation to compare)."""
     named = [row for row in rows if row.get("default_student")]
     student = named[0] if named else _find(rows, "student", distilled=True)
-    others = [row for row in rows if row is not student]
+    alone = next((row for row in rows if student is not None and row.get("fusion_off_of") == student["name"]), None)
+    others = [row for row in rows if row is not student and row is not alone]
     distilled = student is not None and _find([student], "student", distilled=True) is not None
-    return {"student": student, "sasrec": _find(rows, "sasrec"), "teacher": _find(rows, "teacher"),
+    return {"student": student, "sasrec": _find(rows, "sasrec"), "teacher": _find(rows, "teacher"), "alone": alone,
             "labels": _find(others, "student", distilled=False) if distilled else None}  # fmt: skip
 
 
@@ -421,13 +464,20 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         llm_rankers.append(wrapped)
         paths[wrapped.name] = path
         recipe = run.get("recipe", {})
-        entries.append((wrapped, {
+        meta = {
             "name": wrapped.name, "kind": ranker.mode, "checkpoint": str(path),
             "training": {"recipe": recipe, "train_time_s": run.get("train_time_s"), "global_step": run.get("global_step"),
                          "train_lists": run.get("train_lists"), "val_metrics": run.get("metrics"),
-                         "git_revision": run.get("git_revision")},
+                         "git_revision": run.get("git_revision"), **({"fusion": run["fusion"]} if "fusion" in run else {})},
             "trained_parameters": _trained_parameters(ranker),
-        }))  # fmt: skip
+        }  # fmt: skip
+        if wrapped.retriever is None:
+            entries.append((wrapped, meta))
+        else:  # a fused ranker: its row, then the ranker alone from the same forward
+            parts = FusionParts(wrapped, f"{wrapped.name} [alone: fusion off]")
+            gate = float(ranker.fusion_gate.detach())
+            entries.append((parts.fused, {**meta, "fusion": {"gate": gate}}))
+            entries.append((parts.alone, {**meta, "name": parts.alone.name, "fusion_off_of": wrapped.name}))
     names = [meta["name"] for _, meta in entries]
     if len(set(names)) != len(names):
         raise EvalError(f"two rows would be called the same ({names}); name them with --checkpoint NAME=PATH")
@@ -554,9 +604,10 @@ def check_targets(report: dict) -> dict[str, Any]:
         return [r["above_zero"] for r in comparisons.get(key, {}).get("results", {}).values()]
 
     if all("sampled-20" in row["metrics"] for row in rows):
-        if teacher and student:
-            t_hr, s_hr = hr1(teacher, common=True), hr1(student, common=True)
-            out["hr1_vs_teacher"] = {"student": s_hr, "teacher": t_hr, "ratio": s_hr / t_hr if t_hr else None,
+        if teacher and student:  # the student alone (no fusion) against the teacher, where it has a fusion-off row
+            solo = roles["alone"] or student
+            t_hr, s_hr = hr1(teacher, common=True), hr1(solo, common=True)
+            out["hr1_vs_teacher"] = {"row": solo["name"], "student": s_hr, "teacher": t_hr, "ratio": s_hr / t_hr if t_hr else None,
                                      "users": report["teacher_users"]["sampled-20"], "target": ">= 0.95",
                                      "met": bool(t_hr) and s_hr / t_hr >= 0.95}  # fmt: skip
         if student and sasrec and (above := above_zero("student_vs_sasrec")):
