@@ -284,8 +284,33 @@ def cycle(items: Sequence, n: int) -> list:
 
 
 # --- the bare scorer -----------------------------------------------------------------------------
-def load_bare(name: str, path: Path, device, item_texts: list[str]):
-    """The ranker as the server loads it (dtype and device), the student with its item token cache."""
+class FusedBare:
+    """A fused ranker as the bare scorer: each request first gets SASRec's scores of its candidates
+    (over its history, as the service computes them for ``/v1/rank``), then the ranker scores it."""
+
+    def __init__(self, ranker, retriever) -> None:
+        self.ranker, self.retriever, self.mode = ranker, retriever, ranker.mode
+
+    def score(self, requests: list) -> list:
+        import dataclasses
+
+        import torch
+
+        from mixllm.data.split import PAD
+
+        fused = []
+        for request in requests:
+            history = torch.full((1, max(len(request.history), 1)), PAD, dtype=torch.long)
+            if request.history:
+                history[0, -len(request.history) :] = torch.as_tensor(list(request.history))
+            scores = self.retriever.candidate_scores(history, torch.as_tensor([list(request.candidates)]))[0]
+            fused.append(dataclasses.replace(request, retriever_scores=scores.tolist()))
+        return self.ranker.score(fused)
+
+
+def load_bare(name: str, path: Path, device, item_texts: list[str], sasrec: str | None = None):
+    """The ranker as the server loads it (dtype and device), the student with its item token cache; a
+    fused ranker behind :class:`FusedBare` with the retriever of ``sasrec`` (the service's --sasrec)."""
     from mixllm.item_cache import ItemTokenCache
     from serving.runtime import load_ranker
 
@@ -293,7 +318,14 @@ def load_bare(name: str, path: Path, device, item_texts: list[str]):
     if ranker.mode == "student":
         ranker.token_cache = ItemTokenCache.build(ranker.model, features=ranker.catalog.features)
     log.info("bare scorer: loaded %s (%s) from %s", name, ranker.mode, path)
-    return ranker
+    if ranker.fusion_gate is None:
+        return ranker
+    if not sasrec:
+        raise BenchError(f"--checkpoint {name}={path}: a fused ranker needs SASRec's scores; pass --sasrec")
+    from mixllm.baselines.sasrec import SASRec
+    from mixllm.retrieval import FaissRetriever
+
+    return FusedBare(ranker, FaissRetriever(SASRec.from_pretrained(sasrec)))
 
 
 def time_bare(ranker, singles: list, batches: list[list]) -> dict[str, list[float]]:
@@ -589,7 +621,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         start = time.perf_counter()
         with running_server(command, log_path) as process:
             item_texts = list(load_movielens_100k().item_texts)  # loads beside the server's start-up
-            bare_rankers = {name: load_bare(name, path, device, item_texts) for name, path in models.items()}
+            bare_rankers = {name: load_bare(name, path, device, item_texts, args.sasrec) for name, path in models.items()}
             ready = wait_ready(base_url, process, args.ready_timeout, log_path)
             startup_s = time.perf_counter() - start
             log.info("server: ready in %.0f s, models %s", startup_s, ", ".join(ready["models"]))

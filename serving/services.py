@@ -251,16 +251,15 @@ class RankingService:
         rerank waits in the same bounded queue as rank requests and never overlaps a forward."""
         model = self.model(model_name)
         self._check_count(len(documents), "documents")
-        if model.fused:
-            raise Invalid(f"model: {model.name} adds SASRec's scores to its own, and documents outside the catalog have none; "
-                          "rerank them with an unfused model", field="model", value=model.name)  # fmt: skip
         scores, tokens = await model.batcher.submit(RerankJob(query, list(documents)))
         return model.name, scores, tokens
 
     def rerank_sync(self, query: str, documents: Sequence[str], model: ServedModel) -> tuple[list[float], int]:
         """Scores of documents the catalog does not hold (worker thread). A student encodes them on
         the fly (MiniLM + the cold-item collaborative part, as for new items) and reads the
-        query as text where the history goes; a teacher reads both as text."""
+        query as text where the history goes; a teacher reads both as text. A fused model scores
+        them with its own score alone: documents outside the catalog have no SASRec vector, so
+        their retriever score is 0 (``score + gate * 0``)."""
         ranker = model.ranker
         with self.catalog.lock, torch.inference_mode():
             if model.kind == "teacher":
@@ -269,6 +268,8 @@ class RankingService:
                 student = self.catalog.students[model.name]
                 features = self.catalog.document_features(student, list(documents))
                 prompt = ranker.prompts.student(candidate_features=features, history_text=query)
+            if model.fused:
+                prompt.retriever_scores = torch.zeros(len(documents))
             inputs = ranker.collate([prompt]).to(next(ranker.parameters()).device)
             scores = ranker(inputs).float().cpu()[0, : len(documents)]
         return scores.tolist(), prompt.num_tokens
