@@ -86,3 +86,24 @@ def test_a_fused_checkpoint_without_sasrec_does_not_start(world, fused_path, tmp
     settings = world.settings(tmp_path / "store.sqlite", checkpoint=[f"fused={fused_path}"], sasrec="")
     with pytest.raises(DataError, match="fused=.* --sasrec|--checkpoint fused: .*--sasrec"):
         load_runtime(settings, encode_texts=fake_encode)
+
+
+def test_the_benchmarks_bare_scorer_of_a_fused_model_matches_the_service(client, world, fused_path):
+    """serving.bench.FusedBare adds SASRec's candidate scores as the service does: same scores as /v1/rank."""
+    from mixllm.ranking import ItemCatalog, RankingRequest
+    from serving.bench import FusedBare, load_bare
+
+    runtime = client.app.state.runtime
+    history, candidates = world.item_ids[10:14], world.item_ids[:6]
+    response = client.post("/v1/rank", json={"user": {"history": history}, "candidates": candidates, "model": "fused"})
+    assert response.status_code == 200, response.text
+    served = {r["item_id"]: r["score"] for r in response.json()["results"]}
+    ranker = MixLLMRanker.from_pretrained(fused_path, ItemCatalog(features=runtime.catalog.students["fused"].features))
+    bare = FusedBare(ranker.eval(), runtime.catalog.retriever)
+    rows = RankingRequest(runtime.catalog.rows(history, "history"), runtime.catalog.rows(candidates, "candidates"))
+    with torch.inference_mode():
+        scores = bare.score([rows])[0]
+    assert max(abs(float(scores[i]) - served[c]) for i, c in enumerate(candidates)) < 1e-3
+    assert rows.retriever_scores is None  # the shared request is left as it was (unfused models score it too)
+    with pytest.raises(Exception, match="--sasrec"):
+        load_bare("fused", fused_path, torch.device("cpu"), list(world.item_texts), sasrec="")
