@@ -18,6 +18,7 @@ best mean rank here.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -26,13 +27,16 @@ import time
 import numpy as np
 import torch
 
+from mixllm.baselines.sasrec import SASRec
 from mixllm.data import PROTOCOLS, get_candidates, leave_one_out, load_movielens_100k
 from mixllm.features import MINILM_DIM, FeatureLayout, neighbour_mean
 from mixllm.lora import merge_lora
 from mixllm.provenance import atomic_write_text, git_revision, machine_info
 from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
+from mixllm.retrieval import FaissRetriever
 
 log = logging.getLogger(__name__)
+RETRIEVER_COLD_RULE = "neighbours"  # what the service's retriever gives a new item (serving.catalog)
 RULES = ("warm", "zeros", "catalog-mean", "nearest", "neighbours", "half-nearest", "half-neighbours")
 
 
@@ -67,30 +71,48 @@ def run(args: argparse.Namespace) -> dict:
     layout = FeatureLayout.from_checkpoint(args.checkpoint)
     features = ranker.catalog.features.clone()
     text, collab = features[:, layout.slice("minilm")], features[:, layout.slice("sasrec")]
-    histories = split.histories("test", ranker.max_history or 10, users)
+    histories = split.histories("test", ranker.max_request_history or 10, users)  # user tokens read the longer window
     requests = [RankingRequest.from_padded(h, lists.candidates[u]) for h, u in zip(histories, users)]
     targets = lists.target_index[users]
+    cold_items = sorted({int(lists.candidates[u][lists.target_index[u]]) for u in users})
+    gate = None if ranker.fusion_gate is None else float(ranker.fusion_gate.detach())
+    sasrec = None if gate is None else SASRec.from_pretrained(args.sasrec)
     rows = []
     for rule in args.rules:
         start = time.perf_counter()
         table = features.clone()
-        for item in {int(lists.candidates[u][lists.target_index[u]]) for u in users}:
+        for item in cold_items:
             table[item, layout.slice("sasrec")] = cold_vector(rule, item, text, collab)
         ranker.catalog = ItemCatalog(features=table)
-        ranks = []
+        if sasrec is not None:  # a fused ranker: SASRec's scores, the cold targets given the service's retriever vector
+            retriever = FaissRetriever(copy.deepcopy(sasrec))
+            if rule != "warm":
+                warm = retriever.item_vectors
+                retriever.set_rows(cold_items, torch.stack([cold_vector(RETRIEVER_COLD_RULE, i, text, warm) for i in cold_items]))
+            r_scores = retriever.candidate_scores(torch.from_numpy(histories[:, -retriever.max_history :]),
+                                                  torch.from_numpy(lists.candidates[users]))  # fmt: skip
+            for request, row in zip(requests, r_scores):
+                request.retriever_scores = row.tolist()
+        ranks: dict[str, list[int]] = {"fused": [], "alone": []} if gate is not None else {"student": []}
         with torch.inference_mode():
             for i in range(0, len(requests), 8):
-                for scores, target in zip(ranker.score(requests[i : i + 8]), targets[i : i + 8]):
-                    ranks.append(int((scores > scores[target]).sum()))  # ties count for the target
-        ranks = np.asarray(ranks)
-        rows.append({"rule": rule, "hr@1": float((ranks == 0).mean()), "hr@5": float((ranks < 5).mean()),
-                     "mean_rank": float(ranks.mean() + 1), "seconds": time.perf_counter() - start})
-        log.info("%-16s HR@1 %.3f  HR@5 %.3f  mean rank %.2f", rule, rows[-1]["hr@1"], rows[-1]["hr@5"], rows[-1]["mean_rank"])
-    cold = [r for r in rows if r["rule"] != "warm"]
+                for j, (scores, target) in enumerate(zip(ranker.score(requests[i : i + 8]), targets[i : i + 8])):
+                    views = {"student": scores} if gate is None else {
+                        "fused": scores, "alone": scores - gate * torch.as_tensor(requests[i + j].retriever_scores)}  # fmt: skip
+                    for name, view in views.items():
+                        ranks[name].append(int((view > view[target]).sum()))  # ties count for the target
+        for name, values in ranks.items():
+            values = np.asarray(values)
+            rows.append({"rule": rule, "scores": name, "hr@1": float((values == 0).mean()), "hr@5": float((values < 5).mean()),
+                         "mean_rank": float(values.mean() + 1), "seconds": time.perf_counter() - start})  # fmt: skip
+            log.info("%-16s %-7s HR@1 %.3f  HR@5 %.3f  mean rank %.2f", rule, name, rows[-1]["hr@1"], rows[-1]["hr@5"],
+                     rows[-1]["mean_rank"])  # fmt: skip
+    cold = [r for r in rows if r["rule"] != "warm" and r["scores"] != "fused"]  # the student's own reading
     return {
         "command": " ".join(["python -m training.cold_items", *sys.argv[1:]]), "git_revision": git_revision(),
         "machine": machine_info(), "checkpoint": str(args.checkpoint), "users": len(users), "protocol": "sampled-20",
-        "split": "test", "seed": args.seed, "text_dim": MINILM_DIM, "rows": rows,
+        "split": "test", "seed": args.seed, "text_dim": MINILM_DIM, "rows": rows, "fusion_gate": gate,
+        "retriever_cold_rule": None if gate is None else RETRIEVER_COLD_RULE,
         "best_mean_rank": min(cold, key=lambda r: r["mean_rank"])["rule"] if cold else None,
         "best_hr@1": max(cold, key=lambda r: r["hr@1"])["rule"] if cold else None,
     }  # fmt: skip
@@ -102,10 +124,13 @@ def render_markdown(report: dict) -> str:
         f"`{report['command']}` at revision {report['git_revision']} on {report['machine']['cpu']}: "
         f"{report['users']} test users, sampled-20 (seed {report['seed']}), the test target made cold; "
         "mean rank 1 = always first, 10.5 = chance.", "",
-        "| rule | HR@1 | HR@5 | mean rank of the target |", "|---|---:|---:|---:|",
+        *([f"A fused ranker (gate {report['fusion_gate']:.4g}): the `fused` rows add SASRec's scores, the cold targets "
+           f"given the service's retriever vector ({report['retriever_cold_rule']}); `alone` rows are the student's own "
+           "score (fused minus the gated SASRec term).", ""] if report.get("fusion_gate") is not None else []),
+        "| rule | scores | HR@1 | HR@5 | mean rank of the target |", "|---|---|---:|---:|---:|",
     ]  # fmt: skip
     for r in report["rows"]:
-        lines.append(f"| {r['rule']} | {r['hr@1']:.3f} | {r['hr@5']:.3f} | {r['mean_rank']:.2f} |")
+        lines.append(f"| {r['rule']} | {r['scores']} | {r['hr@1']:.3f} | {r['hr@5']:.3f} | {r['mean_rank']:.2f} |")
     lines += ["", f"Best cold rule by mean rank: **{report['best_mean_rank']}**; by HR@1: {report['best_hr@1']}. "
               f"With {report['users']} users the standard error of an HR@1 near 0.15 is about "
               f"{np.sqrt(0.15 * 0.85 / report['users']):.3f}.", ""]
@@ -116,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(prog="python -m training.cold_items", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="checkpoints/student", help="a student that reads minilm+sasrec")
+    parser.add_argument("--sasrec", default="checkpoints/sasrec", help="a fused student's SASRec (its retriever)")
     parser.add_argument("--users", type=int, default=120, help="test users, evenly spread over the user ids")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seed", type=int, default=0, help="candidate lists of this seed")
