@@ -58,6 +58,16 @@ def cold_vector(rule: str, item: int, text: torch.Tensor, collab: torch.Tensor) 
     raise ValueError(f"unknown rule {rule!r}; choose from {RULES}")
 
 
+def neutral_cold_scores(scores: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
+    """(B, C) ``scores`` with each cold candidate's score replaced by the mean of its list's warm ones
+    (a list with no warm candidate keeps its scores): added to a fused ranker's scores, that shifts the
+    cold item by the same gate * mean as an average warm candidate, so SASRec neither favours nor
+    buries an item it never saw."""
+    warm = (~cold).float()
+    mean = (scores * warm).sum(1, keepdim=True) / warm.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(cold & (warm.sum(1, keepdim=True) > 0), mean.expand_as(scores), scores)
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,11 +96,13 @@ def run(args: argparse.Namespace) -> dict:
         ranker.catalog = ItemCatalog(features=table)
         if sasrec is not None:  # a fused ranker: SASRec's scores, the cold targets given the service's retriever vector
             retriever = FaissRetriever(copy.deepcopy(sasrec))
-            if rule != "warm":
+            if rule != "warm" and args.retriever_cold == "neighbours":
                 warm = retriever.item_vectors
                 retriever.set_rows(cold_items, torch.stack([cold_vector(RETRIEVER_COLD_RULE, i, text, warm) for i in cold_items]))
             r_scores = retriever.candidate_scores(torch.from_numpy(histories[:, -retriever.max_history :]),
                                                   torch.from_numpy(lists.candidates[users]))  # fmt: skip
+            if rule != "warm" and args.retriever_cold == "neutral":  # SASRec has no opinion of a cold item
+                r_scores = neutral_cold_scores(r_scores, torch.from_numpy(np.isin(lists.candidates[users], cold_items)))
             for request, row in zip(requests, r_scores):
                 request.retriever_scores = row.tolist()
         ranks: dict[str, list[int]] = {"fused": [], "alone": []} if gate is not None else {"student": []}
@@ -112,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         "command": " ".join(["python -m training.cold_items", *sys.argv[1:]]), "git_revision": git_revision(),
         "machine": machine_info(), "checkpoint": str(args.checkpoint), "users": len(users), "protocol": "sampled-20",
         "split": "test", "seed": args.seed, "text_dim": MINILM_DIM, "rows": rows, "fusion_gate": gate,
-        "retriever_cold_rule": None if gate is None else RETRIEVER_COLD_RULE,
+        "retriever_cold_rule": None if gate is None else args.retriever_cold,
         "best_mean_rank": min(cold, key=lambda r: r["mean_rank"])["rule"] if cold else None,
         "best_hr@1": max(cold, key=lambda r: r["hr@1"])["rule"] if cold else None,
     }  # fmt: skip
@@ -142,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.cold_items", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="checkpoints/student", help="a student that reads minilm+sasrec")
     parser.add_argument("--sasrec", default="checkpoints/sasrec", help="a fused student's SASRec (its retriever)")
+    parser.add_argument("--retriever-cold", default="neighbours", choices=["neighbours", "neutral"],
+                        help="a fused student's SASRec score of a cold target: SASRec with the service's retriever "
+                             "vector for it (neighbours), or the mean of its list's warm scores (neutral)")
     parser.add_argument("--users", type=int, default=120, help="test users, evenly spread over the user ids")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--seed", type=int, default=0, help="candidate lists of this seed")

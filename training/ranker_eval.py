@@ -20,9 +20,11 @@ Every row is scored on the evaluation issue's protocols for the **test** targets
 SASRec (its row and the retriever) is the checkpoint of the first candidate seed.
 
 Comparisons that the targets name are paired per user (``mixllm.stats.paired_bootstrap``: the mean
-per-user difference with its 95% percentile-bootstrap interval over users): the distilled student
+per-user difference with its 95% percentile-bootstrap interval over users): the student (``--student``)
 minus SASRec, minus the teacher (on the common users) and minus the labels-only student, on
-sampled-20 HR@1 per candidate seed; SASRec's top k reranked by the student minus SASRec's own order,
+sampled-20 HR@1 per candidate seed; for a fused student also its fusion-off row (:class:`FusionParts`:
+the fused score minus the gated SASRec term, from the same forward) against the fused row, SASRec and
+the teacher; SASRec's top k reranked by the student minus SASRec's own order,
 on full NDCG@10 per depth. A comparison whose rows are not in the report is skipped with a note.
 
 The textual teacher is ~15x slower than the student on CPU, so ``--teacher-users-20`` and
