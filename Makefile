@@ -138,6 +138,8 @@ rankers-cold: setup
 		--output reports/cold_items_two_epochs.json
 	$(VENV)/bin/python -m training.cold_items --users 300 --rules warm zeros --checkpoint runs/student_user_cold_fused/ranker \
 		--output reports/cold_items_cold_trained.json
+	$(VENV)/bin/python -m training.cold_items --users 300 --rules warm zeros --retriever-cold neutral \
+		--checkpoint checkpoints/student --output reports/cold_items_default_neutral.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
