@@ -262,6 +262,8 @@ def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | N
     roles = _roles(rows)
     out: dict[str, dict[str, Any]] = {}
     for key, role_a, role_b, protocol, metric, per in COMPARISONS:
+        if "alone" in (role_a, role_b) and roles["alone"] is None:
+            continue  # only a fused student has a fusion-off row: nothing to compare, nothing to say
         a, b = roles[role_a], roles[role_b]
         entry: dict[str, Any] = {"a": a["name"] if a else None, "b": b["name"] if b else None, "protocol": protocol,
                                  "metric": metric, "per": per}  # fmt: skip
