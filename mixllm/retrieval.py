@@ -15,7 +15,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixllm.data.split import PAD
 from mixllm.errors import DataError
+
+
+def left_padded(rows) -> torch.Tensor:
+    """(1, L) one history of item rows (oldest first) left-padded with PAD, at least one column: what
+    :meth:`FaissRetriever.candidate_scores` and :meth:`FaissRetriever.top_k` read for one request."""
+    rows = list(rows)
+    padded = torch.full((1, max(len(rows), 1)), PAD, dtype=torch.long)
+    if rows:
+        padded[0, -len(rows) :] = torch.as_tensor(rows)
+    return padded
 
 
 class FaissRetriever:

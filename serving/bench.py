@@ -55,7 +55,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,19 +292,14 @@ class FusedBare:
         self.ranker, self.retriever, self.mode = ranker, retriever, ranker.mode
 
     def score(self, requests: list) -> list:
-        import dataclasses
-
         import torch
 
-        from mixllm.data.split import PAD
+        from mixllm.retrieval import left_padded
 
         fused = []
         for request in requests:
-            history = torch.full((1, max(len(request.history), 1)), PAD, dtype=torch.long)
-            if request.history:
-                history[0, -len(request.history) :] = torch.as_tensor(list(request.history))
-            scores = self.retriever.candidate_scores(history, torch.as_tensor([list(request.candidates)]))[0]
-            fused.append(dataclasses.replace(request, retriever_scores=scores.tolist()))
+            scores = self.retriever.candidate_scores(left_padded(request.history), torch.as_tensor([list(request.candidates)]))[0]
+            fused.append(replace(request, retriever_scores=scores.tolist()))
         return self.ranker.score(fused)
 
 

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 COLD_RULE = "zeros"
 """What a student reads in the collaborative columns of an item without a vector (module doc)."""
+RETRIEVER_COLD_RULE = "neighbours"
+"""What the retriever (FAISS, and a fused ranker's SASRec score) reads for an item without a vector."""
 TEXT_PART = "minilm"
 COLLAB_PART = "sasrec"
 SAME_SPACE_ATOL = 1e-3
@@ -245,7 +247,7 @@ class Catalog:
         return student.same_space
 
     def _retriever_rows(self, rows: list[int]) -> torch.Tensor:
-        return self._collab(self._seed_collab, self.text_vectors[rows], rows, client_ok=True, cold="neighbours")
+        return self._collab(self._seed_collab, self.text_vectors[rows], rows, client_ok=True, cold=RETRIEVER_COLD_RULE)
 
     @property
     def collab_width(self) -> int | None:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixllm.data import PAD
 from mixllm.errors import DataError
 from mixllm.ranking import MixLLMRanker, RankingRequest
+from mixllm.retrieval import left_padded
 from serving.batching import MicroBatcher
 from serving.catalog import Catalog
 from serving.errors import Invalid, NotFound
@@ -75,10 +75,7 @@ class UserContext:
 
     def retrieval_history(self) -> torch.Tensor:
         """(1, L) :attr:`retrieval_rows` left-padded with PAD (at least one column), as SASRec reads them."""
-        padded = torch.full((1, max(len(self.retrieval_rows), 1)), PAD, dtype=torch.long)
-        if self.retrieval_rows:
-            padded[0, -len(self.retrieval_rows) :] = torch.as_tensor(self.retrieval_rows)
-        return padded
+        return left_padded(self.retrieval_rows)
 
 
 @dataclass

@@ -34,9 +34,9 @@ from mixllm.lora import merge_lora
 from mixllm.provenance import atomic_write_text, git_revision, machine_info
 from mixllm.ranking import ItemCatalog, MixLLMRanker, RankingRequest
 from mixllm.retrieval import FaissRetriever
+from serving.catalog import RETRIEVER_COLD_RULE
 
 log = logging.getLogger(__name__)
-RETRIEVER_COLD_RULE = "neighbours"  # what the service's retriever gives a new item (serving.catalog)
 RULES = ("warm", "zeros", "catalog-mean", "nearest", "neighbours", "half-nearest", "half-neighbours")
 
 
