@@ -89,6 +89,21 @@ class MixLLMProcessor:
         self.padding_side = padding_side
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = 0 if pad is None else pad
+        self._ids_cache: dict[tuple, tuple[int, ...]] = {}
+
+    _IDS_CACHE_SIZE = 8192
+    """Texts whose token ids are remembered (ranking prompts repeat the same few segments)."""
+
+    def text_ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """The tokenizer's ids of ``text``, remembered per text (the vocabulary size is part of the key,
+        so tokens added later are seen)."""
+        key = (text, add_special_tokens, len(self.tokenizer))
+        ids = self._ids_cache.get(key)
+        if ids is None:
+            if len(self._ids_cache) >= self._IDS_CACHE_SIZE:
+                self._ids_cache.clear()
+            ids = self._ids_cache[key] = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return list(ids)
 
     # --- prompts ---------------------------------------------------------------------------
     def token(self, modality: str) -> str:
@@ -135,7 +150,7 @@ class MixLLMProcessor:
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
 
-        rows = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        rows = [self.text_ids(t, add_special_tokens) for t in texts]
         counts = {name: sum(row.count(tid) for row in rows) for name, tid in self.token_ids.items()}
         batch: dict[str, torch.Tensor] = {}
         if vision_features is not None:

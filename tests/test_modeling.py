@@ -106,6 +106,21 @@ def test_processor_rejects_count_mismatch_with_a_clear_error():
         processor("<user> hi", user_history=[torch.zeros(0, F)])
 
 
+def test_processor_remembers_text_ids_without_going_stale():
+    _, processor = _model()
+    tokenizer = processor.tokenizer
+    text = "the user <user> likes <item> <item> zebra"
+    first = processor.text_ids(text)
+    assert first == tokenizer(text, add_special_tokens=False)["input_ids"]
+    first.append(-1)  # a caller's list is its own: the remembered ids are untouched
+    assert processor.text_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    batch = processor([text, text], item_features=torch.randn(4, F), item_ids=[1, 2, 3, 4],
+                      user_history=[torch.randn(2, F), torch.randn(3, F)])  # fmt: skip
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+    tokenizer.add_tokens(["zebra"])  # the vocabulary changes: the text tokenizes anew
+    assert processor.text_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"] != first[:-1]
+
+
 def test_item_ids_out_of_range_are_rejected():
     model, processor = _model()
     batch = processor("rank <item>", item_features=torch.randn(1, F), item_ids=[99])

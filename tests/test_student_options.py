@@ -114,6 +114,31 @@ def test_cold_item_training_zeroes_only_the_sasrec_part_of_some_item_tokens(home
         _recipe(home, tmp_path, item_features=str(home / "features.npy"), cold_item_rate=0.4)
 
 
+def test_worker_processes_build_the_same_batches_and_follow_the_trainers_epoch(home, tmp_path):
+    """Workers copy the collator when an epoch's iterator starts, which Lightning does before
+    on_train_epoch_start for the first epoch it runs (also on resume): the data module sets the epoch
+    from the trainer when the loader is made."""
+    from types import SimpleNamespace
+
+    def first_batches(num_workers: int, epoch: int):
+        recipe = _recipe(home, tmp_path, user=None, fusion=False, negative_pool=8, num_workers=num_workers, batch_size=8)
+        ranker = build_ranker(recipe, DATASET)
+        lists = build_training_lists(SPLIT, recipe)
+        data = RankerDataModule(ranker, recipe, lists, build_validation_lists(SPLIT, recipe))
+        data.trainer = SimpleNamespace(current_epoch=epoch)
+        batches = []
+        for batch in data.train_dataloader():
+            batches.append((batch["inputs"].item_features, batch["target_index"]))
+            if len(batches) == 2:
+                return batches
+
+    in_process = first_batches(0, 1)
+    for (features, target), (features_w, target_w) in zip(in_process, first_batches(2, 1)):
+        assert torch.equal(features, features_w) and torch.equal(target, target_w)
+    epoch0 = first_batches(0, 0)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(in_process, epoch0))  # epoch 1 drew other negatives
+
+
 def test_sasrec_as_the_teacher_needs_no_llm_teacher_and_distils_its_scores(home, tmp_path, monkeypatch):
     import training.rankers as loop
 

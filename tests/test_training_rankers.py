@@ -144,6 +144,8 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
         ({"teacher_scores": None}, "teacher_scores"),
         ({"item_features": "minilm+ids"}, "item_features"),
         ({"no_such_key": 1}, "no_such_key"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"max_time_s": 0}, "max_time_s"),
     ],
 )
 def test_recipe_errors_name_the_field(overrides, field):
@@ -158,7 +160,8 @@ def test_teacher_recipe_rejects_alpha():
         RankerRecipe.from_yaml("teacher_tiny.yaml", alpha=0.5)
 
 
-@pytest.mark.parametrize("name", ["teacher.yaml", "student.yaml", "student_labels.yaml", "teacher_tiny.yaml", "student_tiny.yaml"])
+@pytest.mark.parametrize("name", ["teacher.yaml", "student.yaml", "student_labels.yaml", "teacher_tiny.yaml", "student_tiny.yaml",
+                                  "student_user.yaml", "student_gpu.yaml", "student_gpu_hard.yaml"])
 def test_packaged_recipes_parse(name):
     recipe = RankerRecipe.from_yaml(name)
     assert recipe.role == name.split("_")[0].split(".")[0]

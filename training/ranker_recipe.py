@@ -126,6 +126,9 @@ class RankerRecipe:
     """Epochs over the training lists."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1 = no limit)."""
+    max_time_s: float | None = None
+    """Stop after this many seconds of training and write the ranker as it is then; None = no limit. A budget for a lent GPU: the run's ``global_step`` is recorded, and a
+    reproducible recipe then names that ``max_steps``."""
     batch_size: int = 8
     """Lists per step (per device)."""
     gradient_clip_val: float | None = 1.0
@@ -168,6 +171,9 @@ class RankerRecipe:
     """Lightning precision ("32-true", "bf16-mixed", ...)."""
     num_threads: int | None = None
     """torch CPU threads per process; None = torch's default."""
+    num_workers: int = 0
+    """DataLoader worker processes that build the training batches (tokenising prompts is Python work
+    that can keep a GPU waiting); 0 = in the training process."""
     val_check_interval: float | int = 1.0
     """Lightning val_check_interval (fraction of an epoch or a step count)."""
     checkpoint_every_n_steps: int = 200
@@ -188,6 +194,10 @@ class RankerRecipe:
         for name in ("max_history", "num_negatives", "batch_size", "max_epochs", "hard_pool", "teacher_batch_size",
                      "checkpoint_every_n_steps", "log_every_n_steps"):  # fmt: skip
             _check_int(name, getattr(self, name))
+        if self.max_time_s is not None and not (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0):
+            raise RecipeError("max_time_s", f"must be a number of seconds > 0 or null, got {self.max_time_s!r}")
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise RecipeError("num_workers", f"must be an integer >= 0, got {self.num_workers!r}")
         for name in ("targets_per_user", "negative_pool", "limit_train_users", "limit_val_users", "num_threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), "or null")

@@ -304,9 +304,15 @@ class RankerDataModule(L.LightningDataModule):
         self.train_collate.epoch = epoch
 
     def train_dataloader(self) -> DataLoader:
+        # Workers copy the collator when an epoch's iterator starts: Lightning starts the first one (also
+        # on resume) before on_train_epoch_start, so the epoch is set here as well.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.set_epoch(trainer.current_epoch)
         generator = torch.Generator().manual_seed(self.recipe.seed)
         return DataLoader(_Rows(self.num_train), batch_size=self.recipe.batch_size, shuffle=True,
-                          generator=generator, collate_fn=self.train_collate)  # fmt: skip
+                          generator=generator, collate_fn=self.train_collate,
+                          num_workers=self.recipe.num_workers)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Rows(self.num_val), batch_size=self.recipe.batch_size, collate_fn=self.val_collate)
