@@ -41,8 +41,9 @@ test: setup
 
 # The Mix-LLM pipeline behind checkpoints/ and reports/ml100k_rankers.*: the textual teacher (LoRA,
 # 2 epochs) -> checkpoints/teacher, the served default student (rankers-default), the report
-# (rankers-eval), then the ablations (rankers-ablations: kept in runs/, not committed). About 5 h of
-# 2-core CPU time in all (see the README); on a GPU set accelerator: gpu in the recipes.
+# (rankers-eval), then the ablations (rankers-ablations: kept in runs/, not committed). The two GPU-arm
+# students want a GPU (the recipes' accelerator: auto takes one; ~14 min each on one H100, ~12 h each on
+# the 2-core CPU); the rest is ~5 h of 2-core CPU time (see the README).
 rankers: setup
 	$(VENV)/bin/mixllm train teacher --config training/configs/teacher.yaml
 	rm -rf checkpoints/teacher
@@ -52,31 +53,33 @@ rankers: setup
 	$(MAKE) rankers-eval
 	$(MAKE) rankers-ablations
 
-# The served default -> checkpoints/student: the user-token student of training/configs/student_user.yaml
-# (1 epoch of 9,430 sliding-window lists, labels only; ~55 min on the 2-core CPU), then its fusion with
-# SASRec (the student's score scale and the gate) fitted on the validation lists (~2 min). Then the same
-# run resumed for a second epoch of freshly drawn negatives (~40 min), fused likewise: the report's
-# "2 epochs" row. The default is the one with the lower fused validation cross-entropy (1 epoch: 1.4277
-# vs 1.4311; see the README).
+# The served default -> checkpoints/student: training/configs/student_gpu.yaml (user tokens, every sliding
+# window: 97,171 lists, batch 64, 3,983 steps = 2.6 epochs; 812 s on one H100, ~12 h on the 2-core CPU),
+# fused with SASRec by python -m training.fit_fusion (the student's score scale and the gate, fitted on the
+# validation lists; ~3 min on the CPU). Then the hard-negative arm (student_gpu_hard.yaml) fused likewise;
+# the default is the arm with the lower fused validation cross-entropy (1.3594 vs 1.3934; see the README).
+# Last, the CPU-budget student (student_user.yaml: 9,430 lists, 1 epoch, ~55 min on the CPU), the previous
+# default, fused likewise: the report's comparison row.
 rankers-default: setup
+	$(VENV)/bin/mixllm train student --config training/configs/student_gpu.yaml
+	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_gpu/ranker --output runs/student_gpu_fused/ranker
+	rm -rf checkpoints/student
+	mkdir -p checkpoints
+	cp -r runs/student_gpu_fused/ranker checkpoints/student
+	$(VENV)/bin/mixllm train student --config training/configs/student_gpu_hard.yaml
+	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_gpu_hard/ranker --output runs/student_gpu_hard_fused/ranker
 	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml
 	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user/ranker --output runs/student_user_fused/ranker
-	rm -rf checkpoints/student runs/student_user_e2
-	mkdir -p checkpoints
-	cp -r runs/student_user_fused/ranker checkpoints/student
-	cp -r runs/student_user runs/student_user_e2
-	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml --set max_epochs=2 \
-		output_dir=runs/student_user_e2 --resume runs/student_user_e2/checkpoints/last.ckpt
-	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user_e2/ranker --output runs/student_user_e2_fused/ranker
 
 # The committed report: Popularity, SASRec, the teacher (first 60 users for sampled-20, 20 for full
-# ranking: it is ~15x slower) and the default student and its 2-epoch twin, each fused and alone (the
-# fusion-off row comes from the same forward), all 943 test users, candidate seeds 0/1/2, full ranking
-# reranking SASRec's top 20 and 50. sampled-100 is left out to fit the CPU budget (~35 min).
+# ranking: it is ~15x slower), the default student, its hard-negative arm and the CPU-budget student, each
+# fused and alone (the fusion-off row comes from the same forward), all 943 test users, candidate seeds
+# 0/1/2, full ranking reranking SASRec's top 20 and 50. sampled-100 is left out to fit the CPU budget.
 rankers-eval: setup
 	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 full --retrieve 20 50 --teacher-users-20 60 \
-		--teacher-users-100 20 --checkpoint teacher=checkpoints/teacher "student (user tokens) + SASRec=checkpoints/student" \
-		"student (user tokens, 2 epochs) + SASRec=runs/student_user_e2_fused/ranker" --student "student (user tokens) + SASRec"
+		--teacher-users-100 20 --checkpoint teacher=checkpoints/teacher "student (all windows, GPU) + SASRec=checkpoints/student" \
+		"student (all windows, hard negatives) + SASRec=runs/student_gpu_hard_fused/ranker" \
+		"student (user tokens, CPU budget) + SASRec=runs/student_user_fused/ranker" --student "student (all windows, GPU) + SASRec"
 
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
 # held-out report reports/scenes_qa.{json,md}. About 100 min of 2-core CPU time (see the README).
@@ -121,13 +124,18 @@ rankers-ablations: setup
 		"student (distilled, SASRec only)=runs/student_sasrec/ranker" \
 		"student (user tokens) + SASRec, gate only=runs/student_user_gate_only/ranker"
 
-# Cold items: the default student's second epoch (as in rankers-default) with the SASRec part of 30% of
-# its item tokens zeroed (cold_item_rate, as the service reads new items), fused likewise; then three
-# students scored with each test target made cold (300 test users spread over the ids, sampled-20):
-# the default, its plain second epoch (the control: same steps, no dropout) and this one
-# -> reports/cold_items_{default,two_epochs,cold_trained}.{json,md}. Needs rankers-default's runs/.
+# Cold items: the CPU-budget student's second epoch, plain (the control) and with the SASRec part of 30% of
+# its item tokens zeroed (cold_item_rate, as the service reads new items), each fused likewise; then
+# students scored with each test target made cold (300 test users spread over the ids, sampled-20): the
+# default, the CPU student's control and cold-trained epochs, and the default with a neutral retriever
+# score -> reports/cold_items_{default,two_epochs,cold_trained,default_neutral}.{json,md}. Needs
+# rankers-default's runs/.
 rankers-cold: setup
-	rm -rf runs/student_user_cold
+	rm -rf runs/student_user_e2 runs/student_user_cold
+	cp -r runs/student_user runs/student_user_e2
+	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml --set max_epochs=2 \
+		output_dir=runs/student_user_e2 --resume runs/student_user_e2/checkpoints/last.ckpt
+	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user_e2/ranker --output runs/student_user_e2_fused/ranker
 	cp -r runs/student_user runs/student_user_cold
 	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml --set cold_item_rate=0.3 max_epochs=2 \
 		output_dir=runs/student_user_cold --resume runs/student_user_cold/checkpoints/last.ckpt

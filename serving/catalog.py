@@ -111,6 +111,11 @@ class Catalog:
     def num_seed(self) -> int:
         return len(self.seed_texts)
 
+    def is_cold(self, row: int) -> bool:
+        """Whether ``row`` has no collaborative vector of its own: an item added after the seed catalog
+        whose client gave no ``features`` (the retriever reads :data:`RETRIEVER_COLD_RULE`'s stand-in)."""
+        return row >= self.num_seed and row not in self.client_features
+
     def _retriever_seed_vectors(self) -> torch.Tensor | None:
         if self.retriever is None:
             return None

@@ -192,10 +192,18 @@ class RankingService:
 
     def request_for(self, model: ServedModel, context: UserContext, candidates: list[int]) -> RankingRequest:
         """(worker thread) The ranking request of ``context``'s rows and ``candidates``; for a fused model
-        with the retriever's score of each candidate (SASRec over the user's retrieval rows)."""
+        with the retriever's score of each candidate (SASRec over the user's retrieval rows).
+
+        A request with a cold candidate (:meth:`Catalog.is_cold`) is scored by the ranker alone
+        (every retriever score 0): SASRec's score of a stand-in vector buries a new item, while the
+        student alone still ranks it (``reports/cold_items_default.md``: cold targets' HR@1 fused vs
+        alone; the README's *Cold items*)."""
         request = RankingRequest(context.rows, candidates)
         if model.fused:
             with self.catalog.lock:
+                if any(self.catalog.is_cold(row) for row in candidates):
+                    request.retriever_scores = [0.0] * len(candidates)
+                    return request
                 scores = self.catalog.retriever.candidate_scores(context.retrieval_history(), torch.as_tensor([candidates]))
             request.retriever_scores = scores[0].tolist()
         return request

@@ -16,7 +16,7 @@ from mixllm.ranking import MixLLMRanker
 from mixllm.retrieval import FaissRetriever
 from serving.app import create_app
 from serving.runtime import load_runtime
-from serving_world import assert_client_error, fake_encode, session_world, wait_ready
+from serving_world import SASREC_DIM, assert_client_error, fake_encode, session_world, wait_ready
 
 GATE = 0.75
 
@@ -80,6 +80,23 @@ def test_fused_recommend_works_and_rerank_of_outside_documents_uses_the_ranker_a
     # no SASRec vector outside the catalog: score + gate * 0, the same relevance as the unfused student
     by_index = [{r["index"]: r["relevance_score"] for r in b.json()["results"]} for b in (fused, alone)]
     assert max(abs(by_index[0][i] - by_index[1][i]) for i in range(3)) < 1e-5
+
+
+def test_a_request_with_a_cold_candidate_is_scored_by_the_ranker_alone(client, world):
+    """A new item without a collaborative vector turns fusion off for its request (SASRec's score of a
+    stand-in vector would bury it); one whose client gave its vector is warm and fused as usual."""
+    assert client.put("/v1/items/cold-1", json={"text": world.item_texts[3] + " (remastered)"}).status_code == 201
+    vector = [0.1 * (i % 5) for i in range(SASREC_DIM)]
+    assert client.put("/v1/items/given-1", json={"text": "a film with a known vector", "features": vector}).status_code == 201
+    user = {"id": world.user_ids[2]}
+    for new_item, fused_as_usual in (("cold-1", False), ("given-1", True)):
+        candidates = [new_item, *world.item_ids[:5]]
+        alone, fused = _scores(client, "student", user, candidates), _scores(client, "fused", user, candidates)
+        gap = max(abs(fused[k] - alone[k]) for k in candidates)
+        assert (gap > 1e-3) if fused_as_usual else (gap < 1e-5), (new_item, gap)
+    warm = world.item_ids[:6]  # without the new item, the same user's request is fused again
+    alone, fused = _scores(client, "student", user, warm), _scores(client, "fused", user, warm)
+    assert max(abs(fused[k] - alone[k]) for k in warm) > 1e-3
 
 
 def test_a_fused_checkpoint_without_sasrec_does_not_start(world, fused_path, tmp_path):
