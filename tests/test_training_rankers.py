@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -146,6 +147,7 @@ def test_training_lists_are_seeded_shuffled_and_unseen_negatives():
         ({"no_such_key": 1}, "no_such_key"),
         ({"num_workers": -1}, "num_workers"),
         ({"max_time_s": 0}, "max_time_s"),
+        ({"max_time_s": True}, "max_time_s"),
     ],
 )
 def test_recipe_errors_name_the_field(overrides, field):
@@ -239,6 +241,14 @@ def test_resume_from_lightning_checkpoint(tmp_path):
     assert resumed.global_step == 4
     with pytest.raises(RecipeError, match="^resume:"):
         train_ranker(recipe, resume=tmp_path / "missing.ckpt")
+
+
+def test_a_wall_clock_budget_stops_the_run_and_still_writes_the_ranker(tmp_path):
+    recipe = _recipe("student_tiny.yaml", tmp_path, alpha=0.0, teacher_scores=None, max_epochs=50, max_time_s=0.001)
+    result = train_ranker(recipe)
+    assert 1 <= result.global_step <= 3  # 50 epochs would be hundreds of steps
+    record = json.loads((result.ranker_dir / "training_run.json").read_text())
+    assert record["global_step"] == result.global_step and record["recipe"]["max_time_s"] == 0.001
 
 
 def _free_port() -> int:

@@ -127,8 +127,9 @@ class RankerRecipe:
     max_steps: int = -1
     """Stop after this many optimizer steps (-1 = no limit)."""
     max_time_s: float | None = None
-    """Stop after this many seconds of training and write the ranker as it is then; None = no limit. A budget for a lent GPU: the run's ``global_step`` is recorded, and a
-    reproducible recipe then names that ``max_steps``."""
+    """Stop after this many seconds of training and write the ranker as it is then; None = no limit.
+    A budget for a lent GPU: the run's ``global_step`` is recorded, and a reproducible recipe then
+    names that ``max_steps``."""
     batch_size: int = 8
     """Lists per step (per device)."""
     gradient_clip_val: float | None = 1.0
@@ -194,7 +195,8 @@ class RankerRecipe:
         for name in ("max_history", "num_negatives", "batch_size", "max_epochs", "hard_pool", "teacher_batch_size",
                      "checkpoint_every_n_steps", "log_every_n_steps"):  # fmt: skip
             _check_int(name, getattr(self, name))
-        if self.max_time_s is not None and not (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0):
+        if self.max_time_s is not None and (isinstance(self.max_time_s, bool) or not isinstance(self.max_time_s, (int, float))
+                                            or self.max_time_s <= 0):  # fmt: skip
             raise RecipeError("max_time_s", f"must be a number of seconds > 0 or null, got {self.max_time_s!r}")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
             raise RecipeError("num_workers", f"must be an integer >= 0, got {self.num_workers!r}")

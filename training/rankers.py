@@ -155,8 +155,8 @@ def train_ranker(recipe: RankerRecipe, resume: str | Path | None = None) -> Trai
     checkpoints = output_dir / "checkpoints"
     trainer = L.Trainer(
         accelerator=recipe.accelerator, devices=recipe.devices, strategy=recipe.strategy, precision=recipe.precision,
-        max_epochs=recipe.max_epochs, max_steps=recipe.max_steps, 
-        max_time=None if recipe.max_time_s is None else {"seconds": recipe.max_time_s}, fast_dev_run=recipe.fast_dev_run or False,
+        max_epochs=recipe.max_epochs, max_steps=recipe.max_steps, fast_dev_run=recipe.fast_dev_run or False,
+        max_time=None if recipe.max_time_s is None else {"seconds": recipe.max_time_s},
         gradient_clip_val=recipe.gradient_clip_val, val_check_interval=recipe.val_check_interval,
         log_every_n_steps=recipe.log_every_n_steps, num_sanity_val_steps=0, default_root_dir=output_dir,
         logger=CSVLogger(output_dir, name="logs"), enable_progress_bar=recipe.progress_bar, enable_model_summary=False,
