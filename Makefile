@@ -42,7 +42,7 @@ test: setup
 # The Mix-LLM pipeline behind checkpoints/ and reports/ml100k_rankers.*: the textual teacher (LoRA,
 # 2 epochs) -> checkpoints/teacher, the served default student (rankers-default), the report
 # (rankers-eval), then the ablations (rankers-ablations: kept in runs/, not committed). The two GPU-arm
-# students want a GPU (the recipes' accelerator: auto takes one; ~14 min each on one H100, ~12 h each on
+# students want a GPU (the recipes' accelerator: auto takes one; 812 s each side by side on one H100, ~12 h each on
 # the 2-core CPU); the rest is ~5 h of 2-core CPU time (see the README).
 rankers: setup
 	$(VENV)/bin/mixllm train teacher --config training/configs/teacher.yaml

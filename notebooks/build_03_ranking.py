@@ -70,7 +70,7 @@ def student_scores(users) -> tuple[np.ndarray, np.ndarray]:
     with torch.inference_mode():
         fused = student_protocol.score(batch).float()
         r = retriever.candidate_scores(batch.history[:, -sasrec.config.max_history :], batch.candidates).float()
-    return fused.numpy(), (fused - gate * r).numpy()"""),
+    return fused.numpy(), student.unfused(fused, r).numpy()"""),
     new_markdown_cell("""## One user, 20 candidates"""),
     new_code_cell("""user = 0
 target = lists.candidates[user][lists.target_index[user]]

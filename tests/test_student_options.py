@@ -81,10 +81,14 @@ def test_user_tokens_and_gate_train_and_score_through_the_protocol_interface(hom
     batch = make_batch(SPLIT, "test", users, wrapped.max_history, candidates)
     fused = wrapped.score(batch)
     sasrec_scores = retriever.candidate_scores(batch.history, batch.candidates)
+    unfused = reloaded.unfused(fused, sasrec_scores)  # the fusion-off view of the same forward
     with torch.no_grad():
         reloaded.fusion_gate.zero_()
         alone = wrapped.score(batch)
     torch.testing.assert_close(fused, alone + float(ranker.fusion_gate.detach()) * sasrec_scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unfused, alone, atol=1e-5, rtol=1e-5)
+    reloaded.fusion_gate = None
+    assert reloaded.unfused(fused, sasrec_scores) is fused  # a ranker without fusion: its scores are its own
 
 
 def test_cold_item_training_zeroes_only_the_sasrec_part_of_some_item_tokens(home, tmp_path):

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(0, len(requests), 8):
                 for j, (scores, target) in enumerate(zip(ranker.score(requests[i : i + 8]), targets[i : i + 8])):
                     views = {"student": scores} if gate is None else {
-                        "fused": scores, "alone": scores - gate * torch.as_tensor(requests[i + j].retriever_scores)}  # fmt: skip
+                        "fused": scores, "alone": ranker.unfused(scores, requests[i + j].retriever_scores)}  # fmt: skip
                     for name, view in views.items():
                         ranks[name].append(int((view > view[target]).sum()))  # ties count for the target
         for name, values in ranks.items():

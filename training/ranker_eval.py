@@ -166,7 +166,7 @@ class FusionParts:
             self.forwards += 1
             retriever = self.wrapped.retriever
             sasrec = retriever.candidate_scores(batch.history[:, -retriever.max_history :], batch.candidates).float()
-            self.memo[key] = (fused, fused - float(self.wrapped.ranker.fusion_gate.detach()) * sasrec)
+            self.memo[key] = (fused, self.wrapped.ranker.unfused(fused, sasrec))
         return self.memo[key][1 if alone else 0]
 
 

@@ -394,6 +394,15 @@ class MixLLMRanker(nn.Module):
             scores = scores + self.fusion_gate * retriever  # (B, C) float32
         return scores.masked_fill(~inputs.candidate_mask, 0.0)
 
+    def unfused(self, fused: torch.Tensor, retriever_scores: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """The ranker's own scores (fusion off) from its fused ``fused`` scores and the retriever scores
+        they were fused with: ``fused - fusion_gate * retriever_scores``, without a second forward.
+        A ranker without fusion returns ``fused`` as it is."""
+        if self.fusion_gate is None:
+            return fused
+        retriever = torch.as_tensor(retriever_scores, dtype=torch.float32, device=fused.device)
+        return fused - float(self.fusion_gate.detach()) * retriever
+
     def _check_retriever_scores(self, inputs: RankingInputs) -> None:
         given = inputs.retriever_scores
         if self.fusion_gate is None:
