@@ -208,13 +208,3 @@ def test_protocol_ranker_builds_requests_with_from_padded_and_keeps_row_order():
     scores = ranker.score(batch)
     assert scores.shape == (3, 2) and stub.batches == [2, 1]
     assert scores.tolist() == [[105.0, 205.0], [305.0, 405.0], [510.0, 610.0]]
-
-
-def test_neutral_cold_scores_put_a_cold_candidate_at_its_lists_warm_mean():
-    from training.cold_items import neutral_cold_scores
-
-    scores = torch.tensor([[1.0, 2.0, 6.0, 9.0], [3.0, 5.0, 7.0, 0.0]])
-    cold = torch.tensor([[False, False, True, False], [True, True, True, True]])
-    out = neutral_cold_scores(scores, cold)
-    assert torch.equal(out[0], torch.tensor([1.0, 2.0, 4.0, 9.0]))  # (1 + 2 + 9) / 3
-    assert torch.equal(out[1], scores[1])  # no warm candidate: unchanged

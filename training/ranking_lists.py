@@ -306,9 +306,8 @@ class RankerDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Workers copy the collator when an epoch's iterator starts: Lightning starts the first one (also
         # on resume) before on_train_epoch_start, so the epoch is set here as well.
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            self.set_epoch(trainer.current_epoch)
+        if self.trainer is not None:
+            self.set_epoch(self.trainer.current_epoch)
         generator = torch.Generator().manual_seed(self.recipe.seed)
         return DataLoader(_Rows(self.num_train), batch_size=self.recipe.batch_size, shuffle=True,
                           generator=generator, collate_fn=self.train_collate,
