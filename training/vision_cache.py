@@ -51,16 +51,22 @@ def cached_vision_features(
     batch_size: int = 8,
     progress: bool = True,
 ) -> torch.Tensor:
-    """(len(paths), tower_tokens, D) float16 tower features, row i for ``paths[i]`` (before pooling)."""
+    """(len(paths), tower_tokens, D) float16 tower features, row i for ``paths[i]`` (before pooling).
+
+    An image that several records share (LLaVA's sets ask many conversations about one image) is encoded
+    and stored once."""
     from mixllm.data.llava import load_image
 
     key = hashlib.sha256(f"{tower_fingerprint(encoder, image_processor)}|{images_fingerprint(paths)}".encode()).hexdigest()[:20]
     file = Path(cache_dir) / f"vision-{key}.safetensors"
+    rows: dict[Path, int] = {}
+    index = torch.tensor([rows.setdefault(Path(p).resolve(), len(rows)) for p in paths], dtype=torch.long)
+    unique = list(rows)
     if file.is_file():
         features = load_file(str(file))["features"]
-        if features.shape[0] == len(paths):
-            log.info("vision features: %s (%d images, cached)", file, len(paths))
-            return features
+        if features.shape[0] == len(unique):
+            log.info("vision features: %s (%d images, cached)", file, len(unique))
+            return features if len(unique) == len(paths) else features[index]
     from tqdm.auto import tqdm
 
     device = next(encoder.tower.parameters()).device
@@ -70,8 +76,8 @@ def cached_vision_features(
     encoder.tower.to(memory_format=torch.channels_last)
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, len(paths), batch_size), desc="vision features", unit="batch", disable=not progress):
-                images = [load_image(p) for p in paths[start : start + batch_size]]
+            for start in tqdm(range(0, len(unique), batch_size), desc="vision features", unit="batch", disable=not progress):
+                images = [load_image(p) for p in unique[start : start + batch_size]]
                 pixels = image_processor(images).to(device).contiguous(memory_format=torch.channels_last)
                 chunks.append(encoder.tower_features(pixels).to(torch.float16).cpu().contiguous())  # (b, T, D)
     finally:
@@ -79,6 +85,6 @@ def cached_vision_features(
     features = torch.cat(chunks) if chunks else torch.zeros(0, encoder.tower_tokens, encoder.output_dim, dtype=torch.float16)
     file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(file) as tmp:
-        save_file({"features": features.contiguous()}, str(tmp), metadata={"images": json.dumps(len(paths))})
-    log.info("vision features: %s (%d images computed)", file, len(paths))
-    return features
+        save_file({"features": features.contiguous()}, str(tmp), metadata={"images": json.dumps(len(unique))})
+    log.info("vision features: %s (%d images computed)", file, len(unique))
+    return features if len(unique) == len(paths) else features[index]
