@@ -156,6 +156,15 @@ def test_vision_features_cache_is_reused_and_keyed_by_the_images(scenes, tiny_lm
     torch.testing.assert_close(first.float(), direct, atol=6 * 2**-11, rtol=0)  # float16 storage of values in [0, 6]
     cached_vision_features(model.encoders["image"], processor.image_processor, paths[:2], tmp_path, progress=False)
     assert len(list(tmp_path.glob("vision-*.safetensors"))) == 2  # other images: another key
+    # Records sharing an image (LLaVA's sets ask many conversations about one): each image encoded and stored once.
+    from safetensors.torch import load_file
+
+    shared = [paths[1], paths[0], paths[1], paths[2], paths[0]]
+    for _ in range(2):  # computed, then read back
+        rows = cached_vision_features(model.encoders["image"], processor.image_processor, shared, tmp_path, progress=False)
+        assert torch.equal(rows, first[torch.tensor([1, 0, 1, 2, 0])])
+    stored = set(tmp_path.glob("vision-*.safetensors")) - set(files)
+    assert sorted(load_file(str(f))["features"].shape[0] for f in stored) == [2, 3]  # paths[:2]; the 3 shared images
 
 
 def test_pooling_keeps_the_grid_or_averages_it():
