@@ -568,6 +568,25 @@ def test_the_named_student_is_the_one_compared_and_never_its_own_labels_only_twi
     del rows[2]["default_student"]  # no --student: the first distilled student, the first labels-only one
     roles = ranker_eval._roles(rows)
     assert roles["student"]["name"] == "distilled" and roles["labels"]["name"] == "user tokens"
+    assert roles["alone"] is None and roles["labels_alone"] is None
+
+    # Both fused: each brings its fusion-off row, and the two alone rows are compared too, paired per user.
+    rows = [row("kd", alpha=0.5, default_student=True), row("kd [alone]", alpha=0.5, fusion_off_of="kd"),
+            row("labels [alone]", fusion_off_of="labels"), row("labels"), row("SASRec", "sasrec")]
+    roles = ranker_eval._roles(rows)
+    assert [roles[r]["name"] for r in ("student", "alone", "labels", "labels_alone")] == ["kd", "kd [alone]", "labels",
+                                                                                          "labels [alone]"]
+    users = np.arange(40)
+    hits = {"kd": users % 2, "kd [alone]": users % 3 == 0, "labels": users % 4 == 0, "labels [alone]": users % 5 == 0,
+            "SASRec": users % 6 == 0}  # fmt: skip
+    runs = {name: {("sampled-20", 0): ranker_eval.UserMetrics(users, {"hr@1": np.asarray(h, float)})} for name, h in hits.items()}
+    comparisons = ranker_eval.paired_comparisons(rows, runs, [0], [20])
+    alone = comparisons["distilled_vs_labels_only_alone"]
+    assert (alone["a"], alone["b"]) == ("kd [alone]", "labels [alone]")
+    assert alone["results"]["0"]["mean"] == pytest.approx(np.mean((users % 3 == 0) * 1.0 - (users % 5 == 0)))
+    assert comparisons["distilled_vs_labels_only"]["results"]["0"]["mean"] == pytest.approx(0.5 - 0.25)
+    del rows[2]  # the labels-only student unfused: no alone-vs-alone entry at all
+    assert "distilled_vs_labels_only_alone" not in ranker_eval.paired_comparisons(rows, runs, [0], [20])
 
 
 def test_a_fused_student_gets_a_fusion_off_row_from_the_same_forward(setup, tmp_path, monkeypatch):

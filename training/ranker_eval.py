@@ -231,25 +231,34 @@ COMPARISONS = (
     ("reranked_vs_sasrec_order", "student", "sasrec", "full", "ndcg@10", "depth"),
     ("student_vs_teacher", "student", "teacher", "sampled-20", "hr@1", "seed"),
     ("distilled_vs_labels_only", "student", "labels", "sampled-20", "hr@1", "seed"),
+    ("distilled_vs_labels_only_alone", "alone", "labels_alone", "sampled-20", "hr@1", "seed"),
     ("fused_vs_alone", "student", "alone", "sampled-20", "hr@1", "seed"),
     ("alone_vs_sasrec", "alone", "sasrec", "sampled-20", "hr@1", "seed"),
     ("alone_vs_teacher", "alone", "teacher", "sampled-20", "hr@1", "seed"),
 )
 ROLE_NAMES = {"student": "distilled student", "sasrec": "SASRec", "teacher": "teacher", "labels": "labels-only student",
-              "alone": "fusion-off row of a fused student"}  # fmt: skip
+              "alone": "fusion-off row of a fused student", "labels_alone": "fusion-off row of the labels-only student"}  # fmt: skip
+FUSION_OFF_ROLES = ("alone", "labels_alone")
+"""Roles that only fused rows have: a comparison naming one is left out, unsaid, where that row is missing."""
 
 
 def _roles(rows: list[dict]) -> dict[str, dict | None]:
     """Which row plays which part in the comparisons: the student is the row ``--student`` named (else
     the first distilled student); when it is distilled, the labels-only student is the first other student
-    trained without a teacher (a labels-only ``--student`` has no distillation to compare)."""
+    trained without a teacher (a labels-only ``--student`` has no distillation to compare). Fused rows bring
+    their fusion-off rows ("alone", "labels_alone")."""
     named = [row for row in rows if row.get("default_student")]
     student = named[0] if named else _find(rows, "student", distilled=True)
-    alone = next((row for row in rows if student is not None and row.get("fusion_off_of") == student["name"]), None)
-    others = [row for row in rows if row is not student and row is not alone]
+
+    def fusion_off(of: dict | None) -> dict | None:
+        return next((row for row in rows if of is not None and row.get("fusion_off_of") == of["name"]), None)
+
+    alone = fusion_off(student)
+    others = [row for row in rows if row is not student and row is not alone and not row.get("fusion_off_of")]
     distilled = student is not None and _find([student], "student", distilled=True) is not None
+    labels = _find(others, "student", distilled=False) if distilled else None
     return {"student": student, "sasrec": _find(rows, "sasrec"), "teacher": _find(rows, "teacher"), "alone": alone,
-            "labels": _find(others, "student", distilled=False) if distilled else None}  # fmt: skip
+            "labels": labels, "labels_alone": fusion_off(labels)}  # fmt: skip
 
 
 def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | None], UserMetrics]],
@@ -262,7 +271,7 @@ def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | N
     roles = _roles(rows)
     out: dict[str, dict[str, Any]] = {}
     for key, role_a, role_b, protocol, metric, per in COMPARISONS:
-        if "alone" in (role_a, role_b) and roles["alone"] is None:
+        if any(role in FUSION_OFF_ROLES and roles[role] is None for role in (role_a, role_b)):
             continue  # only a fused student has a fusion-off row: nothing to compare, nothing to say
         a, b = roles[role_a], roles[role_b]
         entry: dict[str, Any] = {"a": a["name"] if a else None, "b": b["name"] if b else None, "protocol": protocol,
@@ -623,6 +632,10 @@ def check_targets(report: dict) -> dict[str, Any]:
             out["distilled_vs_labels_only"] = {"distilled": s_hr, "labels_only": l_hr, "seeds": report["seeds"],
                                                "intervals_above_zero": sum(above_zero("distilled_vs_labels_only")),
                                                "met": s_hr > l_hr}  # fmt: skip
+            if roles["alone"] and roles["labels_alone"]:  # both fused: what distillation did to the student itself
+                out["distilled_vs_labels_only"].update(
+                    distilled_alone=hr1(roles["alone"]), labels_only_alone=hr1(roles["labels_alone"]),
+                    alone_intervals_above_zero=sum(above_zero("distilled_vs_labels_only_alone")))
     depth = str(report["retrieval"]["headline_depth"])
     rerank = comparisons.get("reranked_vs_sasrec_order", {}).get("results", {})
     if student and sasrec and depth in rerank:
