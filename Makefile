@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo serve bench-serve test assets rankers rankers-default rankers-eval rankers-ablations rankers-cold caption caption-eval caption-pooled clean
+.PHONY: setup demo serve bench-serve test assets rankers rankers-default rankers-eval rankers-ablations rankers-distill rankers-cold caption caption-eval caption-pooled clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,7 @@ rankers: setup
 	$(MAKE) rankers-default
 	$(MAKE) rankers-eval
 	$(MAKE) rankers-ablations
+	$(MAKE) rankers-distill
 
 # The served default -> checkpoints/student: training/configs/student_gpu.yaml (user tokens, every sliding
 # window: 97,171 lists, batch 64, 3,983 steps = 2.6 epochs; 812 s on one H100, ~12 h on the 2-core CPU),
@@ -123,6 +124,20 @@ rankers-ablations: setup
 		"student (labels only, MiniLM only)=runs/student_labels_minilm/ranker" \
 		"student (distilled, SASRec only)=runs/student_sasrec/ranker" \
 		"student (user tokens) + SASRec, gate only=runs/student_user_gate_only/ranker"
+
+# Distillation vs labels only, paired: the CPU-budget student (student_user.yaml, labels only) and its twin
+# distilled from SASRec's scores of the same 9,430 lists (alpha 0.5, T 2; no LLM teacher scoring, which
+# would cost ~1 h of CPU), each fused likewise, scored fused and alone on all test users, sampled-20
+# seeds 0/1/2 -> reports/ml100k_distillation.{json,md}. ~55 min of CPU for the twin. Needs rankers-default's runs/.
+rankers-distill: setup
+	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml --set alpha=0.5 teacher=sasrec \
+		output_dir=runs/student_user_sasrec_kd
+	$(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user_sasrec_kd/ranker \
+		--output runs/student_user_sasrec_kd_fused/ranker
+	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 --output reports/ml100k_distillation.json --speed-requests 16 \
+		--checkpoint "student (CPU budget, distilled from SASRec) + SASRec=runs/student_user_sasrec_kd_fused/ranker" \
+		"student (CPU budget, labels only) + SASRec=runs/student_user_fused/ranker" \
+		--student "student (CPU budget, distilled from SASRec) + SASRec"
 
 # Cold items: the CPU-budget student's second epoch, plain (the control) and with the SASRec part of 30% of
 # its item tokens zeroed (cold_item_rate, as the service reads new items), each fused likewise; then
