@@ -128,7 +128,8 @@ rankers-ablations: setup
 # Distillation vs labels only, paired: the CPU-budget student (student_user.yaml, labels only) and its twin
 # distilled from SASRec's scores of the same 9,430 lists (alpha 0.5, T 2; no LLM teacher scoring, which
 # would cost ~1 h of CPU), each fused likewise, scored fused and alone on all test users, sampled-20
-# seeds 0/1/2 -> reports/ml100k_distillation.{json,md}. ~55 min of CPU for the twin. Needs rankers-default's runs/.
+# seeds 0/1/2 -> reports/ml100k_distillation.{json,md}. The twin: 1,710 s on the 2-core CPU (session 9); the
+# evaluation ~10 min. Needs rankers-default's runs/.
 rankers-distill: setup
 	$(VENV)/bin/mixllm train student --config training/configs/student_user.yaml --set alpha=0.5 teacher=sasrec \
 		output_dir=runs/student_user_sasrec_kd
