@@ -542,6 +542,7 @@ def test_one_seed_a_protocol_subset_and_missing_rows_skip_their_comparisons(setu
     assert set(subset["targets"]) == {"hr1_vs_sasrec"}
     text = output.with_suffix(".md").read_text()
     assert "—" in text and "- student_vs_teacher: skipped — no teacher row in this report" in text
+    assert "full ranking was not scored (`--protocols`)." in text and "top k for k in" not in text
 
 
 def test_seeds_and_headline_depth_are_checked_naming_the_option(setup, tmp_path):

@@ -669,10 +669,12 @@ def render_markdown(report: dict) -> str:
         f"Command: `{report['command']}`  ", f"Revision {report['git_revision'] or 'unknown'}; machine: {report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} torch threads, device {report['machine']['device']}.", "",
         f"All {report['users']} test users unless a cell says how many (the teacher: the first N). Sampled "
-        f"protocols: mean ± std (sample std) over candidate seeds {seeds}; full ranking does not depend on the "
-        f"candidate seed and is scored once. Full ranking for the LLM rankers: {retrieval['method']}, top k for "
-        f"k in {', '.join(map(str, depths))} ({recalls}), then rerank; the full-ranking columns use k = {headline} "
-        f"(`--headline-depth`){', every k is below' if reranked else ''}.", "",
+        f"protocols: mean ± std (sample std) over candidate seeds {seeds}; " + (
+            f"full ranking does not depend on the candidate seed and is scored once. Full ranking for the LLM "
+            f"rankers: {retrieval['method']}, top k for k in {', '.join(map(str, depths))} ({recalls}), then rerank; "
+            f"the full-ranking columns use k = {headline} (`--headline-depth`){', every k is below' if reranked else ''}."
+            if any("full" in row["metrics"] for row in report["rankers"]) else "full ranking was not scored (`--protocols`)."),
+        "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]  # fmt: skip
     for row in report["rankers"]:
