@@ -57,16 +57,20 @@ def cached_vision_features(
     and stored once."""
     from mixllm.data.llava import load_image
 
-    key = hashlib.sha256(f"{tower_fingerprint(encoder, image_processor)}|{images_fingerprint(paths)}".encode()).hexdigest()[:20]
-    file = Path(cache_dir) / f"vision-{key}.safetensors"
-    rows: dict[Path, int] = {}
+    rows: dict[Path, int] = {}  # each distinct image -> its stored row, in order of first appearance
     index = torch.tensor([rows.setdefault(Path(p).resolve(), len(rows)) for p in paths], dtype=torch.long)
     unique = list(rows)
+
+    def per_path(features: torch.Tensor) -> torch.Tensor:
+        return features if len(unique) == len(paths) else features[index]
+
+    key = hashlib.sha256(f"{tower_fingerprint(encoder, image_processor)}|{images_fingerprint(unique)}".encode()).hexdigest()[:20]
+    file = Path(cache_dir) / f"vision-{key}.safetensors"
     if file.is_file():
         features = load_file(str(file))["features"]
         if features.shape[0] == len(unique):
             log.info("vision features: %s (%d images, cached)", file, len(unique))
-            return features if len(unique) == len(paths) else features[index]
+            return per_path(features)
     from tqdm.auto import tqdm
 
     device = next(encoder.tower.parameters()).device
@@ -87,4 +91,4 @@ def cached_vision_features(
     with atomic_write(file) as tmp:
         save_file({"features": features.contiguous()}, str(tmp), metadata={"images": json.dumps(len(unique))})
     log.info("vision features: %s (%d images computed)", file, len(unique))
-    return features if len(unique) == len(paths) else features[index]
+    return per_path(features)
