@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+CAPTION_PRECISION ?= auto
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
@@ -83,11 +84,12 @@ rankers-eval: setup
 		"student (user tokens, CPU budget) + SASRec=runs/student_user_fused/ranker" --student "student (all windows, GPU) + SASRec"
 
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
-# held-out report reports/scenes_qa.{json,md}. About 100 min of 2-core CPU time (see the README).
+# held-out report reports/scenes_qa.{json,md}. About 100 min of 2-core CPU time in fp32 (see the README);
+# CAPTION_PRECISION=bf16-mixed trains in bfloat16 autocast, ~1.7x faster on a CPU with AMX (the default's run).
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
-	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
-	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml --set precision=$(CAPTION_PRECISION)
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml --set precision=$(CAPTION_PRECISION)
 	rm -rf checkpoints/scenes_qa
 	mkdir -p checkpoints
 	cp -r runs/caption_stage2/model checkpoints/scenes_qa

@@ -42,6 +42,11 @@ class ImageConfig:
     """Projector type: "linear" or "mlp2x_gelu"."""
     projector_bias: bool = True
     """Bias terms in the projector's linear layers."""
+    projector_norm: bool = False
+    """End the projector with an RMS norm whose gain starts at the language model's word-embedding RMS, so
+    image tokens enter at the scale of words. Without it a trained MLP's image tokens reach ~100x a word's
+    norm, and the LLM learns to read single tokens of such a scale far more slowly
+    (``python -m training.qa_probe``). False keeps LLaVA's projector (and llava-hf weights) as they are."""
     token: str = "<image>"
     """Placeholder token the processor expands to one copy per feature vector."""
 

@@ -50,6 +50,13 @@ def positions_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | N
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
+def word_embedding_rms(language_model: nn.Module) -> float:
+    """Root-mean-square of the language model's input embeddings, averaged over the vocabulary: the scale
+    of a word as the first layer sees it."""
+    weight = language_model.get_input_embeddings().weight.detach().float()
+    return float(weight.pow(2).mean(-1).sqrt().mean())
+
+
 class MixLLMForCausalLM(nn.Module):
     def __init__(self, config: MixLLMConfig, language_model: nn.Module, image_tower: nn.Module | None = None):
         super().__init__()
@@ -64,7 +71,8 @@ class MixLLMForCausalLM(nn.Module):
         if config.image is not None:
             self.encoders["image"] = ImageEncoder(config.image, tower=image_tower)
             self.projectors["image"] = Projector(
-                self.encoders["image"].output_dim, hidden, config.image.projector, config.image.projector_bias
+                self.encoders["image"].output_dim, hidden, config.image.projector, config.image.projector_bias,
+                output_rms=word_embedding_rms(language_model) if config.image.projector_norm else None,
             )
         if config.item is not None:
             self.encoders["item"] = ItemEncoder(config.item)

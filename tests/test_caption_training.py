@@ -233,11 +233,19 @@ def test_batched_greedy_answers_equal_one_at_a_time(scenes, tiny_lm, tmp_path):
             torch.testing.assert_close(logits[i, : single.shape[0]], single, atol=1e-4, rtol=0)
 
 
-def test_stage1_steps_change_only_the_projector(scenes, tiny_lm, tmp_path):
-    recipe = _recipe(tiny_lm, scenes, tmp_path)
+@pytest.mark.parametrize("projector_norm", [False, True])
+def test_stage1_steps_change_only_the_projector(scenes, tiny_lm, tmp_path, projector_norm):
+    recipe = _recipe(tiny_lm, scenes, tmp_path, model={"language_model": str(tiny_lm), "image": {"projector_norm": projector_norm}})
+    from mixllm.modeling import word_embedding_rms
     from training.caption import build_model
 
-    before = {k: v.clone() for k, v in build_model(recipe)[0].state_dict().items()}
+    fresh = build_model(recipe)[0]
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert ("projectors.image.norm.weight" in before) == projector_norm
+    if projector_norm:  # every image token starts at the root-mean-square of the LLM's word embeddings
+        features = torch.randn(2, fresh.encoders["image"].num_tokens, fresh.encoders["image"].output_dim) * 50
+        rms = fresh.get_image_features(vision_features=features).pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, word_embedding_rms(fresh.language_model)), rtol=1e-4, atol=0)
     run = train_caption(recipe)
     after = run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
