@@ -85,7 +85,7 @@ rankers-eval: setup
 
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
 # held-out report reports/scenes_qa.{json,md}. About 100 min of 2-core CPU time in fp32 (see the README);
-# CAPTION_PRECISION=bf16-mixed trains in bfloat16 autocast, ~1.7x faster on a CPU with AMX (the default's run).
+# CAPTION_PRECISION=bf16-mixed trains in bfloat16 autocast (faster on a CPU with AMX; the default ran fp32).
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml --set precision=$(CAPTION_PRECISION)
