@@ -44,9 +44,10 @@ class ImageConfig:
     """Bias terms in the projector's linear layers."""
     projector_norm: bool = False
     """End the projector with an RMS norm whose gain starts at the language model's word-embedding RMS, so
-    image tokens enter at the scale of words. Without it a trained MLP's image tokens reach ~100x a word's
-    norm, and the LLM learns to read single tokens of such a scale far more slowly
-    (``python -m training.qa_probe``). False keeps LLaVA's projector (and llava-hf weights) as they are."""
+    image tokens enter at the scale of words (a trained MLP's reach ~100x a word's norm). In the binding probe
+    (``python -m training.qa_binding_probe``) word-like oracle tokens were learned at a word's norm and not
+    at the MLP's; a normed projector alone did not raise held-out accuracy (README). False keeps LLaVA's
+    projector (and llava-hf weights) as they are."""
     token: str = "<image>"
     """Placeholder token the processor expands to one copy per feature vector."""
 

@@ -28,6 +28,7 @@ class Projector(nn.Module):
         if kind == "mlp2x_gelu":
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+        self.norm = None
         if output_rms is not None:
             if not output_rms > 0:
                 raise ValueError(f"projector output_rms must be positive, got {output_rms}")
@@ -39,6 +40,6 @@ class Projector(nn.Module):
         hidden = self.linear_1(features)
         if self.kind == "mlp2x_gelu":
             hidden = self.linear_2(self.act(hidden))
-        if hasattr(self, "norm"):
+        if self.norm is not None:
             hidden = self.norm(hidden)
         return hidden
