@@ -14,7 +14,7 @@ def test_binding_records_are_the_colour_and_shape_questions_of_multi_shape_scene
     write_scenes(tmp_path, counts={"train": 40}, seed=5, progress=False)
     records = json.loads((tmp_path / "train_qa.json").read_text())
     scenes = generate_split("train", 40, seed=5)
-    probe = binding_records(records)
+    probe = binding_records(tmp_path / "train_qa.json")
     expected = sum(1 for r, s in zip(records, scenes) if len(s.shapes) > 1
                    for t in r["question_types"] if t in ("colour", "shape"))  # fmt: skip
     assert probe and len(probe) == expected

@@ -27,28 +27,26 @@ from pathlib import Path
 
 import torch
 
+from mixllm.data.scenes import GRID
+
 BINDING_TYPES = ("colour", "shape")
 
 
-def binding_records(qa_records: list[dict]) -> list[dict]:
+def binding_records(qa_json: Path) -> list[dict]:
     """One single-question record per colour or shape question of a scene with more than one shape
-    (the count question's answer), in LLaVA's format."""
-    out = []
-    for record in qa_records:
-        turns = record["conversations"]
-        answers = {qtype: turns[2 * i + 1]["value"] for i, qtype in enumerate(record["question_types"])}
-        if int(answers["count"]) < 2:
-            continue
-        for i, qtype in enumerate(record["question_types"]):
-            if qtype in BINDING_TYPES:
-                question = turns[2 * i]["value"].replace("<image>\n", "")
-                out.append({"id": f"{record['id']}-{qtype}", "image": record["image"], "question_types": [qtype],
-                            "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                              {"from": "gpt", "value": turns[2 * i + 1]["value"]}]})  # fmt: skip
-    return out
+    (its count question's answer), in LLaVA's format; image paths as the loader resolved them."""
+    from mixllm.data.llava import load_llava_conversations
+    from training.caption_eval import single_questions
+
+    conversations, _ = load_llava_conversations(qa_json, check_images=False)
+    questions = single_questions(conversations, "<image>")
+    counts = {q["id"]: int(q["answer"]) for q in questions if q["type"] == "count"}
+    return [{"id": f"{q['id']}-{q['type']}", "image": str(conversations[q["row"]].image), "question_types": [q["type"]],
+             "conversations": [{"from": "human", "value": f"<image>\n{q['question']}"}, {"from": "gpt", "value": q["answer"]}]}
+            for q in questions if q["type"] in BINDING_TYPES and counts[q["id"]] > 1]  # fmt: skip
 
 
-def word_tokens(scene, embedding: torch.Tensor, tokenizer, scale: float, grid: int = 7) -> torch.Tensor:
+def word_tokens(scene, embedding: torch.Tensor, tokenizer, scale: float, grid: int = GRID) -> torch.Tensor:
     """(grid*grid, hidden): E(" colour") + E(" kind") (first sub-token of each) on each shape's cell, zeros
     elsewhere, times ``scale``."""
 
@@ -105,16 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="recipe overrides")
     args = parser.parse_args(argv)
-    base = CaptionRecipe.from_yaml(args.config)
-    _, scenes_root = data_files(base, "train")
+    overrides = {"max_steps": 120, "val_every_n_steps": 40, "limit_val": 128, "checkpoint_every_n_steps": 1000,
+                 **parse_overrides(args.set)}  # fmt: skip
+    _, scenes_root = data_files(CaptionRecipe.from_yaml(args.config, **overrides), "train")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        records = binding_records(json.loads((scenes_root / f"{split}_qa.json").read_text()))
-        (out / f"{split}_binding.json").write_text(json.dumps(records))
-    overrides = {"max_steps": 120, "val_every_n_steps": 40, "limit_val": 128, "checkpoint_every_n_steps": 1000,
-                 **parse_overrides(args.set), "train_data": str(out / "train_binding.json"),
-                 "val_data": str(out / "val_binding.json"), "image_folder": str(scenes_root), "output_dir": str(out / "run")}  # fmt: skip
+        (out / f"{split}_binding.json").write_text(json.dumps(binding_records(scenes_root / f"{split}_qa.json")))
+    overrides.update(train_data=str(out / "train_binding.json"), val_data=str(out / "val_binding.json"),
+                     image_folder=str(scenes_root), output_dir=str(out / "run"))
     recipe = CaptionRecipe.from_yaml(args.config, **overrides)
     if args.tokens == "words":
         _use_word_tokens(recipe, args.scale)
