@@ -88,7 +88,7 @@ rankers-eval: setup
 # CAPTION_PRECISION=bf16-mixed trains in bfloat16 autocast (faster on a CPU with AMX; the default ran fp32).
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
-	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml --set precision=$(CAPTION_PRECISION)
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml --set precision=$(CAPTION_PRECISION)
 	rm -rf checkpoints/scenes_qa
 	mkdir -p checkpoints

@@ -48,6 +48,11 @@ class ImageConfig:
     (``python -m training.qa_binding_probe``) word-like oracle tokens were learned at a word's norm and not
     at the MLP's; a normed projector alone did not raise held-out accuracy (README). False keeps LLaVA's
     projector (and llava-hf weights) as they are."""
+    standardize_features: bool = False
+    """Standardise each feature channel (fixed mean and std, fitted on stage 1's training features and stored
+    in the checkpoint) before the projector. Blocks 7 and 14 of EfficientNet-Lite0 differ in scale so much
+    that an MLP on the raw concatenation never learns to read the colour (measured: README, "stage-1
+    alignment"). False keeps LLaVA's projector (and llava-hf weights) as they are."""
     token: str = "<image>"
     """Placeholder token the processor expands to one copy per feature vector."""
 

@@ -73,6 +73,7 @@ class MixLLMForCausalLM(nn.Module):
             self.projectors["image"] = Projector(
                 self.encoders["image"].output_dim, hidden, config.image.projector, config.image.projector_bias,
                 output_rms=word_embedding_rms(language_model) if config.image.projector_norm else None,
+                standardize=config.image.standardize_features,
             )
         if config.item is not None:
             self.encoders["item"] = ItemEncoder(config.item)

@@ -14,10 +14,13 @@ class Projector(nn.Module):
     Parameter names follow transformers' ``LlavaMultiModalProjector`` (``linear_1``, ``linear_2``)
     so llava-hf weights load without renaming. ``output_rms``: end with an RMS norm (``norm``) whose
     learnable gain starts at this value, so every output token has that root-mean-square to begin with.
+    ``standardize``: first map each input channel to zero mean and unit variance with fixed statistics
+    (buffers ``input_mean``, ``input_std``; identity until :meth:`fit_input_statistics` sets them, and stored
+    in checkpoints), so channels of very different scales (two tower stages side by side) all reach the MLP.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp2x_gelu", bias: bool = True,
-                 output_rms: float | None = None):
+                 output_rms: float | None = None, standardize: bool = False):
         super().__init__()
         if kind not in PROJECTOR_TYPES:
             raise ValueError(f"projector type {kind!r} is not one of {PROJECTOR_TYPES}")
@@ -28,6 +31,10 @@ class Projector(nn.Module):
         if kind == "mlp2x_gelu":
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("input_mean", torch.zeros(in_dim))
+            self.register_buffer("input_std", torch.ones(in_dim))
         self.norm = None
         if output_rms is not None:
             if not output_rms > 0:
@@ -36,7 +43,21 @@ class Projector(nn.Module):
             with torch.no_grad():
                 self.norm.weight.fill_(output_rms)
 
+    @torch.no_grad()
+    def fit_input_statistics(self, features: torch.Tensor, eps: float = 1e-3) -> None:
+        """Set the standardisation from (..., in_dim) features: per-channel mean and std (+ ``eps``, so a
+        channel that never varies passes through finite)."""
+        if not self.standardize:
+            raise ValueError("this projector was built with standardize=False")
+        flat = features.detach().reshape(-1, features.shape[-1]).float()
+        if flat.shape[-1] != self.input_mean.numel() or flat.shape[0] < 2:
+            raise ValueError(f"need at least 2 feature vectors of width {self.input_mean.numel()}, got {tuple(features.shape)}")
+        self.input_mean.copy_(flat.mean(0))
+        self.input_std.copy_(flat.std(0) + eps)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
+        if self.standardize:
+            features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
         hidden = self.linear_1(features)
         if self.kind == "mlp2x_gelu":
             hidden = self.linear_2(self.act(hidden))

@@ -260,6 +260,64 @@ def test_stage1_steps_change_only_the_projector(scenes, tiny_lm, tmp_path, proje
         assert torch.equal(value, after[key]), key
 
 
+def _cell_recipe(tiny_lm, scenes, tmp_path, **changes):
+    """Stage 1 aligned by cells on the fixture's scenes (written by write_scenes, seed 3)."""
+    image = {"standardize_features": True, **changes.pop("image", {})}
+    base = _recipe(tiny_lm, scenes, tmp_path).__dict__
+    cells = dict(align="cell_words", train_data=None, val_data=None, scenes_dir=str(scenes),
+                 scenes={"train": 32, "val": 4, "test": 8, "seed": 3}, model={"language_model": str(tiny_lm), "image": image})
+    return CaptionRecipe(**{**base, **cells, **changes})
+
+
+def test_stage1_cell_alignment_fits_the_statistics_trains_the_projector_only_and_lowers_its_loss(scenes, tiny_lm, tmp_path):
+    from mixllm.loading import from_pretrained
+    from training.caption import build_model
+    from training.cell_alignment import CellCollator, CellWordObjective, conversation_labels, pair_vectors
+
+    recipe = _cell_recipe(tiny_lm, scenes, tmp_path, batch_size=8, max_steps=40, max_epochs=20, lr=1e-2, val_every_n_steps=40)
+    fresh, processor = build_model(recipe)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    convs, _ = _data(scenes, processor, kind="captions")
+    features = cached_vision_features(fresh.encoders["image"], processor.image_processor, [c.image for c in convs],
+                                      tmp_path / "vf", progress=False)  # fmt: skip
+    objective = CellWordObjective(pair_vectors(fresh.language_model.get_input_embeddings().weight.detach(), processor.tokenizer))
+    batch = CellCollator(features, conversation_labels(convs, seed=3))(list(range(len(convs))))
+    fresh.projectors["image"].fit_input_statistics(features.float())
+    with torch.no_grad():
+        start = objective(fresh, batch)["loss"]
+
+    run = train_caption(recipe)
+    after = run.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("projectors.image.") for k in changed), sorted(changed)[:5]
+    flat = features.float().reshape(-1, features.shape[-1])  # statistics of the training images' features
+    torch.testing.assert_close(after["projectors.image.input_mean"], flat.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after["projectors.image.input_std"], flat.std(0) + 1e-3, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        end = objective(run.model, batch)["loss"]
+    assert end < 0.5 * start, (start, end)
+    assert 0.0 <= run.metrics["val/cell_accuracy"] <= 1.0 and math.isfinite(run.metrics["val/loss"])
+    reloaded, _ = from_pretrained(run.model_dir)  # the statistics travel with the checkpoint
+    for key in ("projectors.image.input_mean", "projectors.image.input_std"):
+        assert torch.equal(reloaded.state_dict()[key], after[key])
+
+
+def test_cell_alignment_recipe_errors_name_the_field(scenes, tiny_lm, tmp_path):
+    with pytest.raises(RecipeError, match="^align: must be one of"):
+        _recipe(tiny_lm, scenes, tmp_path, align="pixels")
+    with pytest.raises(RecipeError, match="^align: cell_words needs the built-in scenes"):
+        _recipe(tiny_lm, scenes, tmp_path, align="cell_words")
+    with pytest.raises(RecipeError, match="^align: cell_words is a stage-1 objective"):
+        _cell_recipe(tiny_lm, scenes, tmp_path, stage=2)
+    with pytest.raises(RecipeError, match="^align: cell_words needs one token per grid cell"):
+        _cell_recipe(tiny_lm, scenes, tmp_path, image={"pooled_grid": 4})
+    unstandardised = train_caption(_recipe(tiny_lm, scenes, tmp_path, max_steps=1, limit_val=0)).model_dir
+    from training.caption import build_model
+
+    with pytest.raises(RecipeError, match="^init_from: .* without model.image.standardize_features"):
+        build_model(_cell_recipe(tiny_lm, scenes, tmp_path, align="caption", init_from=str(unstandardised)))
+
+
 def test_stage2_overfits_32_samples(scenes, tmp_path):
     """The whole (64-wide) tiny LLM and the projector fine-tuned on the 32 training conversations: the answer
     loss on those same conversations falls from ln(vocab) ~ 10.8 to near zero and greedy answers reproduce

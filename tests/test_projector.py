@@ -38,3 +38,28 @@ def test_output_norm_gives_every_token_the_set_rms_and_its_gain_learns():
 def test_output_norm_must_be_positive(rms):
     with pytest.raises(ValueError, match="output_rms must be positive"):
         Projector(4, 4, output_rms=rms)
+
+
+def test_standardize_maps_each_channel_to_zero_mean_unit_std_before_the_mlp():
+    torch.manual_seed(0)
+    scales = torch.tensor([0.1, 1.0, 300.0]).repeat_interleave(4)  # tower stages of very different scales
+    features = torch.randn(50, 9, 12) * scales + 5.0
+    projector = Projector(12, 20, "mlp2x_gelu", standardize=True)
+    x = features[:3]
+    plain = Projector(12, 20, "mlp2x_gelu")
+    plain.load_state_dict({k: v for k, v in projector.state_dict().items() if k.startswith("linear_")})
+    torch.testing.assert_close(projector(x), plain(x))  # identity until fitted
+    projector.fit_input_statistics(features)
+    assert {"input_mean", "input_std"} <= set(projector.state_dict())  # stored in checkpoints
+    flat = features.reshape(-1, 12)
+    standardised = (x - flat.mean(0)) / (flat.std(0) + 1e-3)
+    torch.testing.assert_close(projector(x), plain(standardised))
+    per_channel = ((flat - projector.input_mean) / projector.input_std).std(0)
+    assert (per_channel > 0.98).all() and (per_channel < 1.01).all()  # every channel at one scale (eps: 1% at 0.1)
+
+
+def test_fitting_statistics_needs_a_standardising_projector_and_matching_features():
+    with pytest.raises(ValueError, match="standardize=False"):
+        Projector(12, 20).fit_input_statistics(torch.randn(4, 12))
+    with pytest.raises(ValueError, match="width 12"):
+        Projector(12, 20, standardize=True).fit_input_statistics(torch.randn(4, 10))

@@ -41,6 +41,7 @@ from training.recipe import RecipeError, keep_trainable_only, parse_overrides, r
 log = logging.getLogger(__name__)
 
 RUN_INFO_NAME = "training_run.json"
+ALIGN_OBJECTIVES = ("caption", "cell_words")
 STAGE_FILES = {1: "captions", 2: "qa"}
 """Which of the scene generator's files a stage reads: ``{split}_captions.json`` or ``{split}_qa.json``."""
 
@@ -62,6 +63,10 @@ class CaptionRecipe:
     """LLaVA-format JSON for validation loss; None = the scenes' validation split (or none with train_data)."""
     image_folder: str | None = None
     """Folder the records' image paths are relative to (default: the JSON file's folder)."""
+    align: str = "caption"
+    """Stage 1's objective. "caption": LLaVA's caption loss through the frozen LLM. "cell_words": each cell's
+    image token regresses onto the word embeddings naming what the cell holds, no LLM forward
+    (:mod:`training.cell_alignment`); needs the built-in scenes and the unpooled grid."""
     scenes: dict[str, int] = field(default_factory=lambda: {"train": 4000, "val": 200, "test": 500, "seed": 0})
     """Built-in scene generator: scenes per split and the seed."""
     scenes_dir: str | None = None
@@ -132,6 +137,15 @@ class CaptionRecipe:
             raise RecipeError("init_from", f"{self.init_from} is not a mixllm checkpoint ({WEIGHTS_NAME} missing)")
         if self.train_data is not None and not Path(self.train_data).is_file():
             raise RecipeError("train_data", f"{self.train_data} does not exist")
+        if self.align not in ALIGN_OBJECTIVES:
+            raise RecipeError("align", f"must be one of {ALIGN_OBJECTIVES}, got {self.align!r}")
+        if self.align == "cell_words":
+            if self.stage != 1:
+                raise RecipeError("align", "cell_words is a stage-1 objective; stage 2 trains on question-answer conversations")
+            if self.train_data is not None:
+                raise RecipeError("align", "cell_words needs the built-in scenes (they know each shape's cell); drop train_data")
+            if config.image.pooled_grid is not None:
+                raise RecipeError("align", f"cell_words needs one token per grid cell; model.image.pooled_grid is {config.image.pooled_grid}")
         missing = {"train", "val", "test", "seed"} - set(self.scenes)
         if missing:
             raise RecipeError("scenes", f"needs train, val, test and seed; missing {sorted(missing)}")
@@ -362,21 +376,28 @@ def trainable_groups(model: MixLLMForCausalLM, recipe: CaptionRecipe) -> list[di
 
 
 class CaptionModule(L.LightningModule):
-    """Thin: the library model, :func:`answer_loss`, AdamW with warm-up + cosine."""
+    """Thin: the library model, an objective (:func:`answer_loss`, or stage 1's
+    :class:`training.cell_alignment.CellWordObjective`, which also returns metrics), AdamW with warm-up + cosine."""
 
-    def __init__(self, model: MixLLMForCausalLM, recipe: CaptionRecipe) -> None:
+    def __init__(self, model: MixLLMForCausalLM, recipe: CaptionRecipe, objective=answer_loss) -> None:
         super().__init__()
-        self.model, self.recipe = model, recipe
+        self.model, self.recipe, self.objective = model, recipe, objective
         self.strict_loading = False  # Lightning checkpoints hold the trainable parameters only
         self.model.train()
 
+    def _step(self, batch: dict, split: str) -> torch.Tensor:
+        result = self.objective(self.model, batch)
+        result = result if isinstance(result, dict) else {"loss": result}
+        size = len(batch["vision_features"])
+        for name, value in result.items():
+            self.log(f"{split}/{name}", value, prog_bar=name == "loss", batch_size=size)
+        return result["loss"]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = answer_loss(self.model, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", answer_loss(self.model, batch), prog_bar=True, batch_size=len(batch["input_ids"]))
+        self._step(batch, "val")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(trainable_groups(self.model, self.recipe), weight_decay=self.recipe.weight_decay)
@@ -409,6 +430,10 @@ def build_model(recipe: CaptionRecipe):
         unknown = [k for k in state if k not in own]
         if unknown:
             raise RecipeError("init_from", f"{recipe.init_from} holds weights this model lacks: {unknown[:3]}")
+        projector = model.projectors["image"]
+        if getattr(projector, "standardize", False) and "projectors.image.input_mean" not in state:
+            raise RecipeError("init_from", f"{recipe.init_from} was trained without model.image.standardize_features; "
+                                           "train stage 1 with it, or turn it off here")  # fmt: skip
         model.load_state_dict(state, strict=False)
         log.info("started from %s (%d tensors)", recipe.init_from, len(state))
     if processor is None:
@@ -447,12 +472,22 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
     cache = Path(recipe.feature_cache) if recipe.feature_cache else mixllm_home() / "vision_features"
     features = cached_vision_features(model.encoders["image"], processor.image_processor,
                                       [c.image for c in train_convs + val_convs], cache, progress=recipe.progress_bar)  # fmt: skip
-    train_samples = encoder.samples(train_convs)
-    val_samples = encoder.samples(val_convs, first_row=len(train_convs))
-    collate = CaptionCollator(processor, features)
+    projector = model.projectors["image"]
+    if getattr(projector, "standardize", False) and recipe.init_from is None:  # fitted on the training images only
+        projector.fit_input_statistics(model.encoders["image"].pool(features[: len(train_convs)].float()))
+    if recipe.align == "cell_words":
+        from training.cell_alignment import CellCollator, CellWordObjective, conversation_labels, pair_vectors
+
+        train_samples, val_samples = list(range(len(train_convs))), list(range(len(train_convs), len(features)))
+        collate = CellCollator(features, conversation_labels(train_convs + val_convs, seed=int(recipe.scenes["seed"])))
+        objective = CellWordObjective(pair_vectors(model.language_model.get_input_embeddings().weight.detach(), processor.tokenizer))
+    else:
+        train_samples = encoder.samples(train_convs)
+        val_samples = encoder.samples(val_convs, first_row=len(train_convs))
+        collate, objective = CaptionCollator(processor, features), answer_loss
     loader = DataLoader(train_samples, batch_size=recipe.batch_size, shuffle=True, collate_fn=collate)
     val_loader = DataLoader(val_samples, batch_size=recipe.batch_size, collate_fn=collate) if val_samples else None
-    module = CaptionModule(model, recipe)
+    module = CaptionModule(model, recipe, objective)
     checkpoints = output_dir / "checkpoints"
     trainer = L.Trainer(
         accelerator=recipe.accelerator, devices=recipe.devices, precision=recipe.resolved_precision(),

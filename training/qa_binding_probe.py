@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -48,16 +47,10 @@ def binding_records(qa_json: Path) -> list[dict]:
 
 def word_tokens(scene, embedding: torch.Tensor, tokenizer, scale: float, grid: int = GRID) -> torch.Tensor:
     """(grid*grid, hidden): E(" colour") + E(" kind") (first sub-token of each) on each shape's cell, zeros
-    elsewhere, times ``scale``."""
+    elsewhere, times ``scale``: the targets of stage 1's cell alignment (:mod:`training.cell_alignment`)."""
+    from training.cell_alignment import cell_labels, cell_targets, pair_vectors
 
-    def vector(word: str) -> torch.Tensor:
-        return embedding[tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]]
-
-    tokens = torch.zeros(grid * grid, embedding.shape[1])
-    for shape in scene.shapes:
-        row, col = shape.cell
-        tokens[row * grid + col] = (vector(shape.colour) + vector(shape.shape)) * scale
-    return tokens
+    return cell_targets(cell_labels(scene, grid), pair_vectors(embedding, tokenizer)) * scale
 
 
 def _use_word_tokens(recipe, scale: float) -> None:
@@ -65,7 +58,7 @@ def _use_word_tokens(recipe, scale: float) -> None:
     image tokens (the projector bypassed)."""
     import training.caption as caption
     import training.vision_cache as vision_cache
-    from mixllm.data.scenes import generate_split
+    from mixllm.data.scenes import generate_split, parse_scene_id
 
     seed, held = int(recipe.scenes["seed"]), {}
     scenes = {split: generate_split(split, int(recipe.scenes[split]), seed=seed) for split in ("train", "val")}
@@ -81,10 +74,8 @@ def _use_word_tokens(recipe, scale: float) -> None:
     def features(encoder, image_processor, paths, cache, progress=True):
         rows = []
         for path in paths:
-            match = re.search(r"(train|val)-(\d+)\.png$", str(path))
-            if match is None:
-                raise ValueError(f"{path}: not a built-in scene image; the word oracle needs the scenes")
-            scene = scenes[match.group(1)][int(match.group(2)) - 1]
+            split, index = parse_scene_id(Path(path).stem)  # ValueError: not a built-in scene image
+            scene = scenes[split][index]
             rows.append(word_tokens(scene, held["embedding"], held["tokenizer"], scale))
         return torch.stack(rows)
 

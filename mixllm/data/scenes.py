@@ -459,6 +459,15 @@ def _scene_id(split: str, index: int, n: int) -> str:
     return f"{split}-{index:0{max(6, len(str(n)))}d}"
 
 
+def parse_scene_id(scene_id: str) -> tuple[str, int]:
+    """``(split, index)`` of a scene id (or image stem) that :func:`write_scenes` wrote: "val-000042" ->
+    ("val", 41), the index into :func:`generate_split`'s list. ValueError for anything else."""
+    split, _, number = str(scene_id).rpartition("-")
+    if split not in SPLITS or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"{scene_id!r} is not a built-in scene id (<split>-<number>, split one of {SPLITS})")
+    return split, int(number) - 1
+
+
 def _count_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {split}" for split, n in counts.items())
 

@@ -1,0 +1,84 @@
+"""Stage-1 alignment by cells: targets in the LLM's word space, the objective, and a tiny run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mixllm.data.scenes import COLOURS, SHAPES, generate_split, parse_scene_id
+from training.cell_alignment import EMPTY, CellWordObjective, cell_labels, cell_targets, conversation_labels, pair_vectors
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from mixllm.assets import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+
+
+def _word(embedding, tokenizer, word):
+    return embedding[tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]]
+
+
+def test_targets_are_colour_plus_kind_words_on_shape_cells_and_zero_elsewhere(tokenizer):
+    embedding = torch.randn(len(tokenizer), 6, generator=torch.Generator().manual_seed(0))
+    pairs = pair_vectors(embedding, tokenizer)
+    assert pairs.shape == (len(COLOURS) * len(SHAPES), 6)
+    scene = next(s for s in generate_split("train", 30, seed=1) if len(s.shapes) > 2)
+    labels = cell_labels(scene)
+    targets = cell_targets(labels, pairs)
+    cells = {s.cell[0] * 7 + s.cell[1]: s for s in scene.shapes}
+    assert (labels != EMPTY).sum() == len(scene.shapes)
+    for cell in range(49):
+        if cell not in cells:
+            assert labels[cell] == EMPTY and not targets[cell].any()
+            continue
+        shape = cells[cell]
+        expected = _word(embedding, tokenizer, shape.colour) + _word(embedding, tokenizer, shape.shape)
+        torch.testing.assert_close(targets[cell], expected)
+
+
+def test_scene_ids_find_their_scenes():
+    from mixllm.data.llava import Conversation
+
+    assert parse_scene_id("val-000042") == ("val", 41) and parse_scene_id("train-1234567") == ("train", 1234566)
+    for bad in ("valid-000001", "train-", "train-0", "train-x1", "42"):
+        with pytest.raises(ValueError, match="not a built-in scene id"):
+            parse_scene_id(bad)
+    convs = [Conversation(id=i, image=None, turns=[]) for i in ("val-000003", "train-000002", "val-000001")]
+    labels = conversation_labels(convs, seed=4)
+    val, train = generate_split("val", 3, seed=4), generate_split("train", 2, seed=4)
+    for row, scene in zip(labels, (val[2], train[1], val[0])):
+        assert torch.equal(row, cell_labels(scene))
+
+
+class _Tokens:
+    """A stand-in model whose image tokens are given."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def get_image_features(self, vision_features=None):
+        return self.tokens
+
+
+def test_objective_is_zero_on_the_targets_and_counts_shape_and_empty_cells_alike():
+    pairs = torch.randn(len(COLOURS) * len(SHAPES), 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.full((2, 49), EMPTY)
+    labels[0, 3], labels[0, 20], labels[1, 48] = 0, 7, 39
+    batch = {"vision_features": torch.zeros(2, 49, 4), "cell_labels": labels}
+    targets = cell_targets(labels, pairs)
+    exact = CellWordObjective(pairs)(_Tokens(targets.clone()), batch)
+    assert exact["loss"] == 0 and exact["cell_accuracy"] == 1
+    off = targets.clone()
+    off[0, 3] = pairs[1]  # one shape cell reads as another colour-and-kind pair
+    off[1, 0] += 1.0  # one empty cell is not empty
+    result = CellWordObjective(pairs)(_Tokens(off), batch)
+    shape_term = (pairs[1] - pairs[0]).pow(2).sum() / 3  # mean over the 3 shape cells
+    empty_term = torch.tensor(8.0) / (2 * 49 - 3)  # mean over the 95 empty cells
+    torch.testing.assert_close(result["loss"], shape_term + empty_term)
+    assert math.isclose(result["cell_accuracy"].item(), 2 / 3, rel_tol=1e-6)
