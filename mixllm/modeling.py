@@ -74,6 +74,7 @@ class MixLLMForCausalLM(nn.Module):
                 self.encoders["image"].output_dim, hidden, config.image.projector, config.image.projector_bias,
                 output_rms=word_embedding_rms(language_model) if config.image.projector_norm else None,
                 standardize=config.image.standardize_features,
+                positions=self.encoders["image"].num_tokens if config.image.position_embedding else None,
             )
         if config.item is not None:
             self.encoders["item"] = ItemEncoder(config.item)

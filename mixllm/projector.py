@@ -17,10 +17,13 @@ class Projector(nn.Module):
     ``standardize``: first map each input channel to zero mean and unit variance with fixed statistics
     (buffers ``input_mean``, ``input_std``; identity until :meth:`fit_input_statistics` sets them, and stored
     in checkpoints), so channels of very different scales (two tower stages side by side) all reach the MLP.
+    ``positions``: a learned table (``positions``, ``(positions, out_dim)``, zeros until set) added to the
+    output, one row per token of an input of exactly that many tokens: where each token sits (the image grid's
+    cell), which a per-token MLP cannot see.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp2x_gelu", bias: bool = True,
-                 output_rms: float | None = None, standardize: bool = False):
+                 output_rms: float | None = None, standardize: bool = False, positions: int | None = None):
         super().__init__()
         if kind not in PROJECTOR_TYPES:
             raise ValueError(f"projector type {kind!r} is not one of {PROJECTOR_TYPES}")
@@ -35,6 +38,11 @@ class Projector(nn.Module):
         if standardize:
             self.register_buffer("input_mean", torch.zeros(in_dim))
             self.register_buffer("input_std", torch.ones(in_dim))
+        self.positions = None
+        if positions is not None:
+            if positions < 1:
+                raise ValueError(f"projector positions must be >= 1, got {positions}")
+            self.positions = nn.Parameter(torch.zeros(positions, out_dim))
         self.norm = None
         if output_rms is not None:
             if not output_rms > 0:
@@ -55,7 +63,8 @@ class Projector(nn.Module):
         self.input_mean.copy_(flat.mean(0))
         self.input_std.copy_(flat.std(0) + eps)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
+    def forward(self, features: torch.Tensor, add_positions: bool = True) -> torch.Tensor:  # (..., in_dim) -> (..., out_dim)
+        """``add_positions=False``: the content only, without the position table (stage 1's cell alignment)."""
         if self.standardize:
             features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
         hidden = self.linear_1(features)
@@ -63,4 +72,8 @@ class Projector(nn.Module):
             hidden = self.linear_2(self.act(hidden))
         if self.norm is not None:
             hidden = self.norm(hidden)
+        if self.positions is not None and add_positions:
+            if hidden.shape[-2] != self.positions.shape[0]:
+                raise ValueError(f"the projector's position table has {self.positions.shape[0]} rows but the input has {hidden.shape[-2]} tokens")
+            hidden = hidden + self.positions.to(hidden.dtype)
         return hidden

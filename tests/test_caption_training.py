@@ -262,7 +262,7 @@ def test_stage1_steps_change_only_the_projector(scenes, tiny_lm, tmp_path, proje
 
 def _cell_recipe(tiny_lm, scenes, tmp_path, **changes):
     """Stage 1 aligned by cells on the fixture's scenes (written by write_scenes, seed 3)."""
-    image = {"standardize_features": True, **changes.pop("image", {})}
+    image = {"standardize_features": True, "position_embedding": True, **changes.pop("image", {})}
     base = _recipe(tiny_lm, scenes, tmp_path).__dict__
     cells = dict(align="cell_words", train_data=None, val_data=None, scenes_dir=str(scenes),
                  scenes={"train": 32, "val": 4, "test": 8, "seed": 3}, model={"language_model": str(tiny_lm), "image": image})
@@ -285,11 +285,15 @@ def test_stage1_cell_alignment_fits_the_statistics_trains_the_projector_only_and
     fresh.projectors["image"].fit_input_statistics(features.float())
     with torch.no_grad():
         start = objective(fresh, batch)["loss"]
+    from training.cell_alignment import position_words
+
+    positions = position_words(fresh.language_model.get_input_embeddings().weight.detach(), processor.tokenizer)
 
     run = train_caption(recipe)
     after = run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("projectors.image.") for k in changed), sorted(changed)[:5]
+    torch.testing.assert_close(after["projectors.image.positions"], positions)  # started at the words, not moved by stage 1
     flat = features.float().reshape(-1, features.shape[-1])  # statistics of the training images' features
     torch.testing.assert_close(after["projectors.image.input_mean"], flat.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after["projectors.image.input_std"], flat.std(0) + 1e-3, rtol=1e-4, atol=1e-5)
@@ -298,7 +302,7 @@ def test_stage1_cell_alignment_fits_the_statistics_trains_the_projector_only_and
     assert end < 0.5 * start, (start, end)
     assert 0.0 <= run.metrics["val/cell_accuracy"] <= 1.0 and math.isfinite(run.metrics["val/loss"])
     reloaded, _ = from_pretrained(run.model_dir)  # the statistics travel with the checkpoint
-    for key in ("projectors.image.input_mean", "projectors.image.input_std"):
+    for key in ("projectors.image.input_mean", "projectors.image.input_std", "projectors.image.positions"):
         assert torch.equal(reloaded.state_dict()[key], after[key])
 
 
@@ -316,6 +320,9 @@ def test_cell_alignment_recipe_errors_name_the_field(scenes, tiny_lm, tmp_path):
 
     with pytest.raises(RecipeError, match="^init_from: .* without model.image.standardize_features"):
         build_model(_cell_recipe(tiny_lm, scenes, tmp_path, align="caption", init_from=str(unstandardised)))
+    cells = train_caption(_cell_recipe(tiny_lm, scenes, tmp_path, max_steps=1, limit_val=0, output_dir=str(tmp_path / "cells")))
+    with pytest.raises(RecipeError, match=r"^init_from: .* does not fit this model .*positions \(49, 32\) there, \(16, 32\) here"):
+        build_model(_cell_recipe(tiny_lm, scenes, tmp_path, align="caption", image={"pooled_grid": 4}, init_from=str(cells.model_dir)))
 
 
 def test_stage2_overfits_32_samples(scenes, tmp_path):

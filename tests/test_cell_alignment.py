@@ -57,13 +57,17 @@ def test_scene_ids_find_their_scenes():
 
 
 class _Tokens:
-    """A stand-in model whose image tokens are given."""
+    """A stand-in model whose projector gives these image tokens (its position table left out)."""
 
     def __init__(self, tokens):
-        self.tokens = tokens
+        from types import SimpleNamespace
 
-    def get_image_features(self, vision_features=None):
-        return self.tokens
+        def projector(features, add_positions=True):
+            assert not add_positions  # stage 1 aligns the content only
+            return tokens
+
+        self.projectors = {"image": projector}
+        self.encoders = {"image": SimpleNamespace(pool=lambda features: features)}
 
 
 def test_objective_is_zero_on_the_targets_and_counts_shape_and_empty_cells_alike():
@@ -82,3 +86,16 @@ def test_objective_is_zero_on_the_targets_and_counts_shape_and_empty_cells_alike
     empty_term = torch.tensor(8.0) / (2 * 49 - 3)  # mean over the 95 empty cells
     torch.testing.assert_close(result["loss"], shape_term + empty_term)
     assert math.isclose(result["cell_accuracy"].item(), 2 / 3, rel_tol=1e-6)
+
+
+def test_position_words_name_the_side_graded_from_the_centre(tokenizer):
+    from training.cell_alignment import position_words
+
+    embedding = torch.randn(len(tokenizer), 6, generator=torch.Generator().manual_seed(2))
+    words = {w: _word(embedding, tokenizer, w) for w in ("left", "right", "top", "bottom")}
+    table = position_words(embedding, tokenizer, grid=7, scale=0.5)
+    assert table.shape == (49, 6)
+    assert not table[3 * 7 + 3].any()  # the centre cell names no side
+    torch.testing.assert_close(table[3 * 7 + 0], 0.5 * words["left"])  # middle row, left edge
+    torch.testing.assert_close(table[0 * 7 + 6], 0.5 * (words["right"] + words["top"]))  # top right corner
+    torch.testing.assert_close(table[6 * 7 + 2], 0.5 * (words["left"] / 3 + words["bottom"]))  # a third of the way left

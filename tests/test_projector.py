@@ -63,3 +63,21 @@ def test_fitting_statistics_needs_a_standardising_projector_and_matching_feature
         Projector(12, 20).fit_input_statistics(torch.randn(4, 12))
     with pytest.raises(ValueError, match="width 12"):
         Projector(12, 20, standardize=True).fit_input_statistics(torch.randn(4, 10))
+
+
+def test_position_table_adds_one_row_per_token_and_can_be_left_out():
+    torch.manual_seed(0)
+    projector = Projector(12, 20, "mlp2x_gelu", positions=9)
+    assert projector.positions.shape == (9, 20) and not projector.positions.any()  # zeros until set
+    with torch.no_grad():
+        projector.positions.normal_()
+    x = torch.randn(2, 9, 12)
+    content = projector(x, add_positions=False)
+    torch.testing.assert_close(projector(x), content + projector.positions)
+    assert "positions" in projector.state_dict()
+    projector(x).sum().backward()
+    torch.testing.assert_close(projector.positions.grad, torch.full((9, 20), 2.0))  # one per image of the batch
+    with pytest.raises(ValueError, match="9 rows but the input has 4 tokens"):
+        projector(torch.randn(2, 4, 12))
+    with pytest.raises(ValueError, match="positions must be >= 1"):
+        Projector(12, 20, positions=0)

@@ -430,8 +430,10 @@ def build_model(recipe: CaptionRecipe):
         unknown = [k for k in state if k not in own]
         if unknown:
             raise RecipeError("init_from", f"{recipe.init_from} holds weights this model lacks: {unknown[:3]}")
-        projector = model.projectors["image"]
-        if getattr(projector, "standardize", False) and "projectors.image.input_mean" not in state:
+        resized = [f"{k} {tuple(state[k].shape)} there, {tuple(own[k].shape)} here" for k in state if state[k].shape != own[k].shape]
+        if resized:
+            raise RecipeError("init_from", f"{recipe.init_from} does not fit this model (another grid? model.image.pooled_grid): {resized[:2]}")
+        if model.projectors["image"].standardize and "projectors.image.input_mean" not in state:
             raise RecipeError("init_from", f"{recipe.init_from} was trained without model.image.standardize_features; "
                                            "train stage 1 with it, or turn it off here")  # fmt: skip
         model.load_state_dict(state, strict=False)
@@ -439,6 +441,26 @@ def build_model(recipe: CaptionRecipe):
     if processor is None:
         raise RecipeError("model.language_model", "has no tokenizer; caption training needs one")
     return model, processor
+
+
+def start_projector(model: MixLLMForCausalLM, processor, train_features: torch.Tensor) -> None:
+    """A fresh projector's fitted parts: the feature standardisation from the training images' (pooled)
+    features, and the position table from the words naming each cell's side
+    (:func:`training.cell_alignment.position_words`; a non-square token grid keeps zeros)."""
+    projector = model.projectors["image"]
+    if projector.standardize:
+        projector.fit_input_statistics(train_features)
+    if projector.positions is not None:
+        from training.cell_alignment import position_words
+
+        rows = projector.positions.shape[0]
+        grid = math.isqrt(rows)
+        if grid * grid != rows:
+            log.warning("the image tokens (%d) are not a square grid: the position table starts at zeros", rows)
+            return
+        embedding = model.language_model.get_input_embeddings().weight.detach()
+        with torch.no_grad():
+            projector.positions.copy_(position_words(embedding, processor.tokenizer, grid))
 
 
 @dataclass
@@ -472,9 +494,8 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
     cache = Path(recipe.feature_cache) if recipe.feature_cache else mixllm_home() / "vision_features"
     features = cached_vision_features(model.encoders["image"], processor.image_processor,
                                       [c.image for c in train_convs + val_convs], cache, progress=recipe.progress_bar)  # fmt: skip
-    projector = model.projectors["image"]
-    if getattr(projector, "standardize", False) and recipe.init_from is None:  # fitted on the training images only
-        projector.fit_input_statistics(model.encoders["image"].pool(features[: len(train_convs)].float()))
+    if recipe.init_from is None:
+        start_projector(model, processor, model.encoders["image"].pool(features[: len(train_convs)].float()))
     if recipe.align == "cell_words":
         from training.cell_alignment import CellCollator, CellWordObjective, conversation_labels, pair_vectors
 

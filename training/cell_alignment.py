@@ -40,6 +40,24 @@ def pair_vectors(embedding: torch.Tensor, tokenizer) -> torch.Tensor:
     return (colours[:, None] + kinds[None]).reshape(-1, embedding.shape[1]).float()
 
 
+POSITION_SCALE = 0.5
+"""Position words enter at half a word's size beside a shape's two words."""
+
+
+def position_words(embedding: torch.Tensor, tokenizer, grid: int = GRID, scale: float = POSITION_SCALE) -> torch.Tensor:
+    """(grid*grid, hidden) starting rows of the projector's position table: for the cell in row r, column c,
+    ``scale`` x (h E(" left" or " right") + v E(" top" or " bottom")), where h = |c - centre| / centre and
+    v likewise: the words the position questions answer with, graded from 0 at the middle to 1 at the edge."""
+    words = {w: word_vector(embedding, tokenizer, w).float() for w in ("left", "right", "top", "bottom")}
+    centre = (grid - 1) / 2
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            h, v = (c - centre) / centre, (r - centre) / centre
+            rows.append(abs(h) * words["right" if h > 0 else "left"] + abs(v) * words["bottom" if v > 0 else "top"])
+    return torch.stack(rows) * scale
+
+
 def cell_labels(scene: Scene, grid: int = GRID) -> torch.Tensor:
     """(grid*grid,) long: each shape's cell holds its colour-and-kind pair index, every other cell EMPTY."""
     labels = torch.full((grid * grid,), EMPTY, dtype=torch.long)
@@ -77,13 +95,15 @@ class CellCollator:
 
 
 class CellWordObjective:
-    """``(model, batch) -> {"loss", "cell_accuracy"}`` for :class:`training.caption.CaptionModule`."""
+    """``(model, batch) -> {"loss", "cell_accuracy"}`` for :class:`training.caption.CaptionModule`. The
+    projector's position table (``model.image.position_embedding``) is left out, so stage 1 does not move it."""
 
     def __init__(self, pairs: torch.Tensor):
         self.pairs = pairs  # (P, hidden) float32
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens = model.get_image_features(vision_features=batch["vision_features"]).float()  # (B, cells, hidden)
+        projector = model.projectors["image"]  # the content, without the position table (it keeps its start)
+        tokens = projector(model.encoders["image"].pool(batch["vision_features"]), add_positions=False).float()
         labels = batch["cell_labels"]
         if tokens.shape[1] != labels.shape[1]:
             raise ValueError(f"the projector gives {tokens.shape[1]} tokens an image but the scenes have {labels.shape[1]} cells")
