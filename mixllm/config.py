@@ -51,7 +51,8 @@ class ImageConfig:
     standardize_features: bool = False
     """Standardise each feature channel (fixed mean and std, fitted on stage 1's training features and stored
     in the checkpoint) before the projector. Blocks 7 and 14 of EfficientNet-Lite0 differ in scale so much
-    that an MLP on the raw concatenation did not learn the colour (README, "Standardised features"). False keeps LLaVA's projector (and llava-hf weights) as they are."""
+    that an MLP on the raw concatenation did not learn the colour (README, "Standardised features"). False
+    keeps LLaVA's projector (and llava-hf weights) as they are."""
     position_embedding: bool = False
     """A learned vector per image token (grid cell), added after the projector, so the LLM can tell where a
     token sits without counting positions (position questions). Stage-1 training starts it at words naming

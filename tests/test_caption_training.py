@@ -360,7 +360,7 @@ def test_recipe_errors_name_the_field(tiny_lm, scenes, tmp_path):
         _recipe(tiny_lm, scenes, tmp_path, batch_size=0)
     with pytest.raises(RecipeError, match="^bogus: unknown key"):
         CaptionRecipe.from_yaml("caption_stage1.yaml", bogus=1)
-    recipe = CaptionRecipe.from_yaml("caption_stage1.yaml", **{"model.image.pooled_grid": 4})
+    recipe = CaptionRecipe.from_yaml("caption_stage1.yaml", align="caption", **{"model.image.pooled_grid": 4})
     assert recipe.model["image"]["pooled_grid"] == 4 and recipe.model["image"]["encoder"] == "efficientnet-lite0"
 
 
