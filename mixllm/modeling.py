@@ -105,14 +105,16 @@ class MixLLMForCausalLM(nn.Module):
         return out
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+        add_positions: bool = True,
     ) -> torch.Tensor:
         """(N, 3, H, W) pixels, or (N, tower_tokens, D) tower features computed earlier (a training cache)
-        -> (N, num_image_tokens, hidden)."""
-        encoder = self.encoders["image"]
+        -> (N, num_image_tokens, hidden). ``add_positions=False`` leaves out the projector's position table
+        (``image.position_embedding``): the tokens' content only."""
+        encoder, projector = self.encoders["image"], self.projectors["image"]
         if vision_features is None:
             vision_features = encoder.tower_features(pixel_values)
-        return self.projectors["image"](encoder.pool(vision_features.to(self.projectors["image"].linear_1.weight.dtype)))
+        return projector(encoder.pool(vision_features.to(projector.linear_1.weight.dtype)), add_positions=add_positions)
 
     def get_item_features(
         self, item_features: torch.Tensor | None = None, item_ids: torch.Tensor | None = None

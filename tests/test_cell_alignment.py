@@ -57,17 +57,14 @@ def test_scene_ids_find_their_scenes():
 
 
 class _Tokens:
-    """A stand-in model whose projector gives these image tokens (its position table left out)."""
+    """A stand-in model whose image tokens are given (its position table left out)."""
 
     def __init__(self, tokens):
-        from types import SimpleNamespace
+        self.tokens = tokens
 
-        def projector(features, add_positions=True):
-            assert not add_positions  # stage 1 aligns the content only
-            return tokens
-
-        self.projectors = {"image": projector}
-        self.encoders = {"image": SimpleNamespace(pool=lambda features: features)}
+    def get_image_features(self, vision_features=None, add_positions=True):
+        assert not add_positions  # stage 1 aligns the content only
+        return self.tokens
 
 
 def test_objective_is_zero_on_the_targets_and_counts_shape_and_empty_cells_alike():

@@ -433,9 +433,10 @@ def build_model(recipe: CaptionRecipe):
         resized = [f"{k} {tuple(state[k].shape)} there, {tuple(own[k].shape)} here" for k in state if state[k].shape != own[k].shape]
         if resized:
             raise RecipeError("init_from", f"{recipe.init_from} does not fit this model (another grid? model.image.pooled_grid): {resized[:2]}")
-        if model.projectors["image"].standardize and "projectors.image.input_mean" not in state:
-            raise RecipeError("init_from", f"{recipe.init_from} was trained without model.image.standardize_features; "
-                                           "train stage 1 with it, or turn it off here")  # fmt: skip
+        missing = [k for k in model.trainable_state_dict() if k.startswith("projectors.") and k not in state]
+        if missing:  # a projector part this model has and init_from was trained without would start untrained
+            raise RecipeError("init_from", f"{recipe.init_from} lacks the projector's {missing[:3]}: trained without "
+                                           "model.image.standardize_features / position_embedding? Use stage 1's model.image")  # fmt: skip
         model.load_state_dict(state, strict=False)
         log.info("started from %s (%d tensors)", recipe.init_from, len(state))
     if processor is None:

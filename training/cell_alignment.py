@@ -102,8 +102,8 @@ class CellWordObjective:
         self.pairs = pairs  # (P, hidden) float32
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        projector = model.projectors["image"]  # the content, without the position table (it keeps its start)
-        tokens = projector(model.encoders["image"].pool(batch["vision_features"]), add_positions=False).float()
+        # the content, without the position table (it keeps its start)
+        tokens = model.get_image_features(vision_features=batch["vision_features"], add_positions=False).float()
         labels = batch["cell_labels"]
         if tokens.shape[1] != labels.shape[1]:
             raise ValueError(f"the projector gives {tokens.shape[1]} tokens an image but the scenes have {labels.shape[1]} cells")
