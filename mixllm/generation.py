@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixllm.conversation import question_prompt
 from mixllm.errors import DataError, MixLLMError
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,20 @@ class GenerationSettings:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=self.num_beams)
 
 
+def turn_prompt(processor, prompt: str, with_image: bool = False) -> str:
+    """The prompt text of one chat turn. With an image it is the image-QA prompt that training and
+    `mixllm ask` use (the placeholder first, :data:`~mixllm.conversation.SYSTEM_PROMPT`), so an image
+    QA checkpoint is asked the same way through every command; without one, the template's own default."""
+    if with_image:
+        return question_prompt(processor.tokenizer, prompt, processor.token("image"))
+    return processor.chat_prompt(prompt)
+
+
 def answer(model, processor, prompt: str, image=None, settings: GenerationSettings | None = None) -> str:
     """One chat turn: ``prompt`` (and an optional PIL image, placed before the text) -> the answer."""
     settings = settings or GenerationSettings()
-    if image is not None:
-        prompt = f"{processor.token('image')}\n{prompt}"
-    batch = processor(processor.chat_prompt(prompt), images=[image] if image is not None else None)
+    text = turn_prompt(processor, prompt, with_image=image is not None)
+    batch = processor(text, images=[image] if image is not None else None)
     out = model.generate(**batch, pad_token_id=processor.pad_token_id, **settings.generate_kwargs())
     return processor.batch_decode(out[:1])[0].strip()
 
@@ -110,7 +119,7 @@ def cli_demo(args: argparse.Namespace) -> int:
     print(f"          answer: {text}")
     # The image path, end to end up to the merged embeddings (the projector is untrained here).
     image = Image.linear_gradient("L").resize((320, 240)).convert("RGB")
-    prompt = processor.chat_prompt(f"{processor.token('image')}\nWhat is in this picture?")
+    prompt = turn_prompt(processor, "What is in this picture?", with_image=True)
     batch = step("process an image prompt", lambda: processor(prompt, images=[image]))
     with torch.no_grad():
         feats = step("EfficientNet-Lite0 + projector", lambda: model.get_image_features(batch["pixel_values"]))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mixllm.conversation import chat_messages, render_messages
 from mixllm.errors import DataError
 
 
@@ -111,11 +112,9 @@ class MixLLMProcessor:
         return self.tokenizer.convert_ids_to_tokens(self.token_ids[modality])
 
     def chat_prompt(self, user_message: str, system: str | None = None, add_generation_prompt: bool = True) -> str:
-        """Render one user turn with the tokenizer's chat template (plain text if it has none)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return user_message
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """One user turn rendered as :mod:`mixllm.conversation` renders every prompt (the tokenizer's chat
+        template; ``role: content`` lines without one). ``system=None`` leaves the template's default."""
+        return render_messages(self.tokenizer, chat_messages([(user_message, None)], system), add_generation_prompt)
 
     # --- batching --------------------------------------------------------------------------
     def __call__(

@@ -1,5 +1,3 @@
-"""mixllm serving: the FastAPI app (image QA, item reranking) built on the `mixllm` library.
-
-Nothing here yet: the API arrives with the serving issue. The library's `mixllm.generation.answer`
-is what the image QA route will call.
-"""
+"""mixllm serving: the FastAPI app (:mod:`serving.app`) over the `mixllm` library, serving item
+ranking (``/v1/rank``, ``/v1/rerank``, ``/v1/recommend``) and image question answering (``/v1/chat/completions``,
+through :mod:`mixllm.qa`)."""

@@ -14,7 +14,7 @@ from conftest import WORDS
 from mixllm.cli import main
 from mixllm.conversation import SYSTEM_PROMPT, question_prompt
 from mixllm.errors import InputError
-from mixllm.generation import GenerationSettings
+from mixllm.generation import GenerationSettings, turn_prompt
 from mixllm.lora import LoRALinear
 from mixllm.qa import QAModel, user_message
 
@@ -61,6 +61,13 @@ def test_the_prompt_is_the_training_prompt_and_usage_counts_its_image_tokens(qa)
     completion = qa.complete([user_message(QUESTION)], [picture()], GenerationSettings(max_new_tokens=2))
     text_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert completion.prompt_tokens == text_tokens - 1 + 49  # the placeholder became 49 image tokens
+
+
+def test_mixllm_generate_asks_an_image_question_with_the_same_prompt_as_ask(qa):
+    # `mixllm generate --image` once used the template's default system prompt, not the trained one.
+    prompt, _ = qa.render([user_message(QUESTION)])
+    assert turn_prompt(qa.processor, QUESTION, with_image=True) == prompt
+    assert SYSTEM_PROMPT not in turn_prompt(qa.processor, QUESTION)  # text only: the template's default
 
 
 def test_a_client_system_message_replaces_the_default_and_images_lead_their_message(qa):
