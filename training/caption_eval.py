@@ -9,8 +9,10 @@ question type the report gives the model's accuracy beside
   out right did not need the image),
 - **zero-shot**: the same architecture with an untrained projector and no adapters,
 
-and the caption loss (mean cross-entropy per caption token, as stage 1 trains it) of the trained and the
-untrained projector on the held-out captions. ``--speed`` adds time to first token for one question
+and the caption loss (mean cross-entropy per caption token, LLaVA's stage-1 loss; the default stage 1
+aligns by cells instead) of the trained and the untrained projector on the held-out captions. Finer
+groups (:func:`answer_group`: position by the axis asked, yes/no by the right answer) show where a type's
+misses fall. ``--speed`` adds time to first token for one question
 (model loaded, image decoding and the vision tower included, median of 10).
 """
 
@@ -65,6 +67,24 @@ def accuracy_by_type(questions: list[dict], answers: list[str]) -> dict[str, dic
     for q, a in zip(questions, answers):
         hits[q["type"]].append(normalize(a) == normalize(q["answer"]))
     return {t: {"accuracy": sum(h) / len(h), "n": len(h)} for t, h in sorted(hits.items())}
+
+
+def answer_group(question: dict) -> str | None:
+    """The finer group a question is reported in, from its expected answer: a position question by its
+    axis ("position left/right", "position top/bottom"), a yes/no question by its answer ("yesno yes",
+    "yesno no"); None for the other types."""
+    answer = normalize(question["answer"])
+    if question["type"] == "position":
+        return "position left/right" if answer in ("left", "right") else "position top/bottom"
+    if question["type"] == "yesno":
+        return f"yesno {answer}"
+    return None
+
+
+def accuracy_by_group(questions: list[dict], answers: list[str]) -> dict[str, dict]:
+    """:func:`accuracy_by_type` over :func:`answer_group` (questions outside a group are left out)."""
+    grouped = [(dict(q, type=g), a) for q, a in zip(questions, answers) if (g := answer_group(q)) is not None]
+    return accuracy_by_type([q for q, _ in grouped], [a for _, a in grouped])
 
 
 def majority_answers(train_json: Path, image_token: str) -> dict[str, str]:
@@ -168,6 +188,9 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
             "majority": sum(normalize(q["answer"]) == majority.get(qtype) for q in typed) / len(typed),
             "majority_answer": majority.get(qtype),
         }  # fmt: skip
+    by_group = {name: accuracy_by_group(questions, ans) for name, ans in conditions.items()}
+    result["groups"] = {group: {"n": row["n"], **{name: by_group[name][group]["accuracy"] for name in conditions}}
+                        for group, row in by_group["model"].items()}  # fmt: skip
     result["overall"] = {name: sum(normalize(a) == normalize(q["answer"]) for q, a in zip(questions, ans)) / len(questions)
                          for name, ans in conditions.items()}  # fmt: skip
     if speed:
@@ -197,6 +220,11 @@ def markdown(result: dict) -> str:
                      f"{row['image_zeroed']:.3f} | {row['zero_shot']:.3f} |")  # fmt: skip
     o = result["overall"]
     lines.append(f"| **all** | {result['questions']} | {o['model']:.3f} | | {o['image_zeroed']:.3f} | {o['zero_shot']:.3f} |")
+    if result.get("groups"):
+        lines += ["", "Finer groups (position by the axis asked, yes/no by the right answer):", "",
+                  "| group | n | model | image zeroed |", "|---|---|---|---|"]
+        lines += [f"| {group} | {row['n']} | {row['model']:.3f} | {row['image_zeroed']:.3f} |"
+                  for group, row in result["groups"].items()]
     loss = result["caption_loss"]
     lines += ["", f"Caption loss on the test captions (cross-entropy per token): model {loss['model']:.3f}, "
               f"untrained projector {loss['zero_shot']:.3f}."]  # fmt: skip
