@@ -4,6 +4,7 @@ chat template) with the real EfficientNet-Lite0 tower and a few generated scenes
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,21 @@ def _cell_recipe(tiny_lm, scenes, tmp_path, **changes):
     cells = dict(align="cell_words", train_data=None, val_data=None, scenes_dir=str(scenes),
                  scenes={"train": 32, "val": 4, "test": 8, "seed": 3}, model={"language_model": str(tiny_lm), "image": image})
     return CaptionRecipe(**{**base, **cells, **changes})
+
+
+def test_validation_runs_every_n_steps_across_epochs_and_after_the_last_step(scenes, tiny_lm, tmp_path):
+    # 32 scenes in batches of 8: 4 steps an epoch. Every 3 steps across epochs, then the last: 3, 6, 8
+    # (Lightning's per-epoch count would validate after steps 3 and 7 and leave the final model unvalidated).
+    import csv
+
+    recipe = _cell_recipe(tiny_lm, scenes, tmp_path, batch_size=8, max_steps=8, max_epochs=20, val_every_n_steps=3)
+    run = train_caption(recipe)
+    rows = list(csv.DictReader((Path(recipe.output_dir) / "logs" / "version_0" / "metrics.csv").open()))
+    # Lightning labels a validation inside fit with the step before it (2: after 3 steps), the final one
+    # (trainer.validate after fit) with the number of steps taken.
+    validated = [int(r["step"]) for r in rows if r.get("val/loss")]
+    assert validated == [2, 5, 8] and run.global_step == 8
+    assert run.metrics["val/loss"] == pytest.approx(float(rows[-1]["val/loss"]))
 
 
 def test_stage1_cell_alignment_fits_the_statistics_trains_the_projector_only_and_lowers_its_loss(scenes, tiny_lm, tmp_path):

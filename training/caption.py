@@ -515,8 +515,9 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
         accelerator=recipe.accelerator, devices=recipe.devices, precision=recipe.resolved_precision(),
         max_epochs=recipe.max_epochs, max_steps=recipe.max_steps, accumulate_grad_batches=recipe.accumulate_grad_batches,
         gradient_clip_val=recipe.gradient_clip_val, log_every_n_steps=recipe.log_every_n_steps,
-        val_check_interval=min(recipe.val_every_n_steps * recipe.accumulate_grad_batches, len(loader)) if val_loader else None,
-        check_val_every_n_epoch=1 if val_loader else None, limit_val_batches=1.0 if val_loader else 0,
+        # every val_every_n_steps optimizer steps, counted across epochs (not restarting with each epoch)
+        val_check_interval=recipe.val_every_n_steps * recipe.accumulate_grad_batches if val_loader else None,
+        check_val_every_n_epoch=None, limit_val_batches=1.0 if val_loader else 0,
         num_sanity_val_steps=0, default_root_dir=output_dir, logger=CSVLogger(output_dir, name="logs"),
         enable_progress_bar=recipe.progress_bar, enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
@@ -528,6 +529,8 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
     last = checkpoints / "last.ckpt"
     trainer.save_checkpoint(last)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if val_loader is not None and trainer.global_step % recipe.val_every_n_steps:  # the last steps were not validated
+        metrics.update({k: float(v) for k, v in trainer.validate(module, dataloaders=val_loader, verbose=False)[0].items()})
     model.eval()
     model_dir = output_dir / "model"
     provenance = {
