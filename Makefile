@@ -84,9 +84,9 @@ rankers-eval: setup
 		"student (user tokens, CPU budget) + SASRec=runs/student_user_fused/ranker" --student "student (all windows, GPU) + SASRec"
 
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
-# held-out report reports/scenes_qa.{json,md}. Stage 1 (by cells, no LLM forward) takes ~1 min; stage 2 took
-# 29 min on the 2-core Xeon with CAPTION_PRECISION=bf16-mixed (bfloat16 autocast: how the committed default was
-# trained; faster on a CPU with AMX), ~15 s a step in fp32 (the default precision on a CPU). Then the report, ~11 min.
+# held-out report reports/scenes_qa.{json,md}. Stage 1 (by cells, no LLM forward) takes ~1 min; stage 2 (300 steps)
+# took 74 min in fp32 on the 2-core AMD EPYC (the committed default), ~15 s a step. CAPTION_PRECISION=bf16-mixed
+# (bfloat16 autocast) is faster only on a CPU with AMX (the Xeon: ~8.6 s a step). Then the report, ~16 min.
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
