@@ -234,9 +234,21 @@ class Store:
         finally:
             conn.execute("COMMIT")
 
+    def _enable_wal(self, conn: sqlite3.Connection) -> str:
+        """``PRAGMA journal_mode = WAL``, retried for up to ``busy_timeout_s``: when several processes open a
+        new file at once, SQLite can answer "database is locked" here without waiting for the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+
     def _create_schema(self) -> None:
         conn = self._conn
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._enable_wal(conn)
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode is {mode!r})")
         with self._write() as conn:

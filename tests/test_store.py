@@ -45,7 +45,10 @@ def _run_children(tmp_path: Path, body: str, args_per_child: list[list[str]]) ->
             args = sys.argv[4:]
             store = Store(path)
             (barrier / str(os.getpid())).touch()
+            deadline = time.monotonic() + 30
             while len(list(barrier.iterdir())) < count:
+                if time.monotonic() > deadline:  # a sibling died before the barrier: fail, do not hang
+                    sys.exit(f"barrier: {len(list(barrier.iterdir()))} of {count} children arrived in 30 s")
                 time.sleep(0.001)
             """
         )
@@ -164,6 +167,40 @@ def test_replica_sees_another_store_objects_writes(tmp_path):
         assert [(it.item_id, it.deleted) for it in replica.items(version)] == [("item-1", True), ("fresh", False)]
         replica.upsert_item("from-replica", "t")  # either side writes; the counter is shared
         assert writer.catalog_version() == 4 and writer.get_item("from-replica").row == 3
+
+
+def test_opening_retries_wal_mode_while_another_opener_holds_the_file(tmp_path):
+    """Processes opening one new file at once: SQLite can answer "database is locked" to the WAL switch
+    without waiting (seen as 1 in ~15 openings of 3 processes at once). Opening retries it for
+    busy_timeout_s; with no time to wait, the error names the file."""
+    import sqlite3
+
+    class Locked(Store):
+        def __init__(self, *args, **kwargs):
+            self.refusals = 2
+            super().__init__(*args, **kwargs)
+
+        def _connect(self):
+            conn = super()._connect()
+            store = self
+
+            class Once:  # the first journal_mode switches are refused, as the racing opener sees them
+                def execute(self, sql, *args):
+                    if sql.startswith("PRAGMA journal_mode") and store.refusals:
+                        store.refusals -= 1
+                        raise sqlite3.OperationalError("database is locked")
+                    return conn.execute(sql, *args)
+
+                def __getattr__(self, name):
+                    return getattr(conn, name)
+
+            return Once()
+
+    with Locked(tmp_path / "a.db", busy_timeout_s=5.0) as store:
+        assert store.refusals == 0  # both refusals were met, and waited out
+        assert store.catalog_version() == 0
+    with pytest.raises(StoreError, match=r"b\.db: cannot open as the serving store \(database is locked"):
+        Locked(tmp_path / "b.db", busy_timeout_s=0.0)
 
 
 def test_concurrent_threads_and_processes_get_distinct_rows_and_versions(tmp_path):
