@@ -20,7 +20,8 @@ One run:
    ``--chat-requests`` streamed ``/v1/chat/completions`` requests one at a time (an image and a
    question, ``--chat-max-tokens`` tokens at most) and takes the medians of the time to the first
    text and of the decoding rate: (completion tokens - 1) over the time from the first text to the
-   last; without one the row is skipped with a note;
+   chunk that ends the choice (``finish_reason``; the end-of-turn token, decoded last, has no text, and a
+   one-word answer is one text chunk); without one the row is skipped with a note;
 6. stops the server (always, in a ``finally``) and writes ``reports/serving.json`` and the serving
    section of ``BENCHMARKS.md`` (between markers, so other sections of that file are kept).
 
@@ -416,7 +417,7 @@ def chat_image_url(size: int = 224) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def time_chat(base_url: str, model: str, requests: int, max_tokens: int) -> dict[str, Any]:
+def time_chat(base_url: str, model: str, requests: int, max_tokens: int, transport=None) -> dict[str, Any]:
     """``requests`` streamed chat completions one at a time (after ``WARMUP_REQUESTS`` untimed): the
     medians of the time to the first text and of the decoding rate (module doc, step 5)."""
     import httpx
@@ -425,9 +426,9 @@ def time_chat(base_url: str, model: str, requests: int, max_tokens: int) -> dict
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": chat_image_url()}},
                                                       {"type": "text", "text": CHAT_QUESTION}]}]}  # fmt: skip
     ttft, rates, tokens, prompt, errors = [], [], [], None, Counter()
-    with httpx.Client(base_url=base_url, timeout=600.0, trust_env=False) as client:
+    with httpx.Client(base_url=base_url, timeout=600.0, trust_env=False, transport=transport) as client:
         for i in range(WARMUP_REQUESTS + requests):
-            start, first, last, usage = time.perf_counter(), None, None, None
+            start, first, end, usage = time.perf_counter(), None, None, None
             with client.stream("POST", CHAT, json=body) as response:
                 if response.status_code != 200:
                     errors[str(response.status_code)] += 1
@@ -437,9 +438,11 @@ def time_chat(base_url: str, model: str, requests: int, max_tokens: int) -> dict
                         continue
                     chunk = json.loads(line[len("data: "):])
                     usage = chunk.get("usage") or usage
-                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                        last = time.perf_counter()
-                        first = first or last
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if choice.get("delta", {}).get("content"):
+                        first = first or time.perf_counter()
+                    if choice.get("finish_reason"):
+                        end = time.perf_counter()  # the last token (end of turn or max_tokens) is decoded
             if i < WARMUP_REQUESTS:
                 continue
             if first is None or usage is None:
@@ -448,8 +451,8 @@ def time_chat(base_url: str, model: str, requests: int, max_tokens: int) -> dict
             ttft.append(first - start)
             tokens.append(usage["completion_tokens"])
             prompt = usage["prompt_tokens"]
-            if usage["completion_tokens"] > 1 and last > first:
-                rates.append((usage["completion_tokens"] - 1) / (last - first))
+            if usage["completion_tokens"] > 1 and end is not None and end > first:
+                rates.append((usage["completion_tokens"] - 1) / (end - first))
     return {"model": model, "endpoint": CHAT, "n": len(ttft), "errors": dict(errors), "max_tokens": max_tokens,
             "image": "224x224 PNG", "prompt_tokens": prompt,
             "ttft_p50_ms": percentile(ttft, 50) * 1000 if ttft else None,

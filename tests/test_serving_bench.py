@@ -146,3 +146,32 @@ def test_markdown_has_the_chat_row_when_an_image_model_was_measured():
                       "completion_tokens_mean": 6.5}
     section = render_markdown(report)
     assert "| scenes-qa | 8 | 85.2 | 41.5 | 6.5 | 0 |" in section and "70 prompt tokens" in section
+
+
+def test_chat_timing_reads_a_one_word_answer_up_to_its_finish_chunk():
+    """A one-word answer streams as one text chunk; the end-of-turn token has no text. The decoding rate is
+    (completion tokens - 1) over first text -> finish chunk, so it exists for such an answer; a request the
+    service refuses counts as an error, not a timing."""
+    import json
+
+    import httpx
+
+    from serving.bench import WARMUP_REQUESTS, time_chat
+
+    calls = []
+
+    def stream(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content))
+        if len(calls) == WARMUP_REQUESTS + 2:  # one timed request is refused
+            return httpx.Response(429, json={"error": {"message": "busy"}})
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "red"}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 79, "completion_tokens": 2, "total_tokens": 81}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    result = time_chat("http://bench", "scenes-qa", requests=3, max_tokens=8, transport=httpx.MockTransport(stream))
+    assert len(calls) == WARMUP_REQUESTS + 3 and all(c["stream"] and c["max_tokens"] == 8 for c in calls)
+    assert result["n"] == 2 and result["errors"] == {"429": 1}
+    assert result["prompt_tokens"] == 79 and result["completion_tokens_mean"] == 2
+    assert result["ttft_p50_ms"] > 0 and result["decode_tokens_per_s_p50"] > 0
