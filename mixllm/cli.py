@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     cap.add_argument("--speed", action="store_true", help="also time to first token (median of 10)")
     cap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    cap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where the model runs, in fp32 (auto: a GPU if torch sees one)")
     cap.add_argument("--output", default="reports/scenes_qa.json", help="JSON report (markdown beside it)")
     cap.add_argument("--no-progress", action="store_true", help="no progress bars")
     cap.set_defaults(func=_handler("training.caption_eval:cli_eval_caption"))

@@ -57,6 +57,12 @@ class ImageConfig:
     """A learned vector per image token (grid cell), added after the projector, so the LLM can tell where a
     token sits without counting positions (position questions). Stage-1 training starts it at words naming
     the cell's side (:func:`training.cell_alignment.position_words`). False keeps llava-hf weights loadable."""
+    position_input: bool = False
+    """Give the projector each image token's grid row and column (one-hot, beside its features), so the MLP
+    can write where a shape sits into that shape's token and leave empty cells empty (left/right questions:
+    raster order alone marks the row, not the column). Stage 1's cell alignment then also targets the side
+    words (:func:`training.cell_alignment.side_words`). Needs a square token grid. False keeps llava-hf
+    weights loadable."""
     token: str = "<image>"
     """Placeholder token the processor expands to one copy per feature vector."""
 

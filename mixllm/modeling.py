@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,14 @@ def word_embedding_rms(language_model: nn.Module) -> float:
     return float(weight.pow(2).mean(-1).sqrt().mean())
 
 
+def image_grid(num_tokens: int) -> int:
+    """The side of a square grid of ``num_tokens`` image tokens (``image.position_input`` needs one)."""
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise ValueError(f"image.position_input needs a square grid of image tokens, but an image gives {num_tokens}")
+    return grid
+
+
 class MixLLMForCausalLM(nn.Module):
     def __init__(self, config: MixLLMConfig, language_model: nn.Module, image_tower: nn.Module | None = None):
         super().__init__()
@@ -75,6 +84,7 @@ class MixLLMForCausalLM(nn.Module):
                 output_rms=word_embedding_rms(language_model) if config.image.projector_norm else None,
                 standardize=config.image.standardize_features,
                 positions=self.encoders["image"].num_tokens if config.image.position_embedding else None,
+                grid=image_grid(self.encoders["image"].num_tokens) if config.image.position_input else None,
             )
         if config.item is not None:
             self.encoders["item"] = ItemEncoder(config.item)

@@ -8,6 +8,13 @@ from torch import nn
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 
 
+def grid_codes(grid: int) -> torch.Tensor:
+    """(grid*grid, 2*grid): token i of a raster-order grid -> one-hot of its row, then one-hot of its column."""
+    index = torch.arange(grid * grid)
+    eye = torch.eye(grid)
+    return torch.cat([eye[index // grid], eye[index % grid]], dim=-1)
+
+
 class Projector(nn.Module):
     """``linear``: one Linear. ``mlp2x_gelu``: Linear -> GELU -> Linear (LLaVA-1.5).
 
@@ -20,17 +27,27 @@ class Projector(nn.Module):
     ``positions``: a learned table (``positions``, ``(positions, out_dim)``, zeros until set) added to the
     output, one row per token of an input of exactly that many tokens: where each token sits (the image grid's
     cell), which a per-token MLP cannot see.
+    ``grid``: append each token's row and column on a ``grid`` x ``grid`` token grid (raster order), one-hot,
+    to its (standardised) features, so the MLP itself sees where the token sits and can mark it only where
+    there is something to mark (``linear_1`` takes ``in_dim + 2 * grid`` channels).
     """
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp2x_gelu", bias: bool = True,
-                 output_rms: float | None = None, standardize: bool = False, positions: int | None = None):
+                 output_rms: float | None = None, standardize: bool = False, positions: int | None = None,
+                 grid: int | None = None):
         super().__init__()
         if kind not in PROJECTOR_TYPES:
             raise ValueError(f"projector type {kind!r} is not one of {PROJECTOR_TYPES}")
         if in_dim <= 0 or out_dim <= 0:
             raise ValueError(f"projector dims must be positive, got in_dim={in_dim}, out_dim={out_dim}")
         self.kind = kind
-        self.linear_1 = nn.Linear(in_dim, out_dim, bias=bias)
+        self.grid = None
+        if grid is not None:
+            if grid < 1:
+                raise ValueError(f"projector grid must be >= 1, got {grid}")
+            self.grid = grid
+            self.register_buffer("grid_codes", grid_codes(grid), persistent=False)
+        self.linear_1 = nn.Linear(in_dim + (2 * grid if grid else 0), out_dim, bias=bias)
         if kind == "mlp2x_gelu":
             self.act = nn.GELU()
             self.linear_2 = nn.Linear(out_dim, out_dim, bias=bias)
@@ -67,6 +84,12 @@ class Projector(nn.Module):
         """``add_positions=False``: the content only, without the position table (stage 1's cell alignment)."""
         if self.standardize:
             features = (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
+        if self.grid is not None:
+            if features.shape[-2] != self.grid_codes.shape[0]:
+                raise ValueError(f"the projector's grid is {self.grid}x{self.grid} = {self.grid_codes.shape[0]} tokens "
+                                 f"but the input has {features.shape[-2]}")
+            codes = self.grid_codes.to(features.dtype).expand(*features.shape[:-1], -1)
+            features = torch.cat([features, codes], dim=-1)
         hidden = self.linear_1(features)
         if self.kind == "mlp2x_gelu":
             hidden = self.linear_2(self.act(hidden))

@@ -420,6 +420,10 @@ def test_tiny_twin_recipes_run_both_stages_resume_and_evaluate_through_the_cli(t
     assert main(["train", "caption", "--config", "caption_stage1_tiny.yaml", "--set", f"output_dir={s1}", *common]) == 0
     stage1 = load_file(str(s1 / "model" / "mixllm_weights.safetensors"))
     assert stage1 and all(k.startswith("projectors.image.") for k in stage1)
+    # position_input: the projector reads 272 feature channels + a 7x7 grid's row and column one-hots
+    assert stage1["projectors.image.linear_1.weight"].shape[1] == 272 + 14
+    s1_metrics = (s1 / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/side_accuracy" in s1_metrics
     assert main(["train", "caption", "--config", "caption_stage1_tiny.yaml", "--resume", str(s1 / "checkpoints" / "last.ckpt"),
                  "--set", f"output_dir={tmp_path / 's1b'}", "max_steps=3", "max_epochs=5", *common]) == 0  # fmt: skip
     assert json.loads((tmp_path / "s1b" / "model" / "training_run.json").read_text())["global_step"] == 3

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mixllm.data.scenes import COLOURS, SHAPES, generate_split, parse_scene_id
-from training.cell_alignment import EMPTY, CellWordObjective, cell_labels, cell_targets, conversation_labels, pair_vectors
+from training.cell_alignment import (
+    EMPTY, CellWordObjective, cell_labels, cell_targets, conversation_labels, pair_vectors, side_words,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +98,54 @@ def test_position_words_name_the_side_graded_from_the_centre(tokenizer):
     torch.testing.assert_close(table[3 * 7 + 0], 0.5 * words["left"])  # middle row, left edge
     torch.testing.assert_close(table[0 * 7 + 6], 0.5 * (words["right"] + words["top"]))  # top right corner
     torch.testing.assert_close(table[6 * 7 + 2], 0.5 * (words["left"] / 3 + words["bottom"]))  # a third of the way left
+
+
+def test_side_words_name_the_sides_the_position_questions_use(tokenizer):
+    from mixllm.data.scenes import questions
+
+    embedding = torch.randn(len(tokenizer), 6, generator=torch.Generator().manual_seed(3))
+    words = {w: _word(embedding, tokenizer, w) for w in ("left", "right", "top", "bottom")}
+    table = side_words(embedding, tokenizer, grid=7)
+    assert table.shape == (49, 6)
+    assert not table[3 * 7 + 3].any()  # the centre cell is on no side
+    torch.testing.assert_close(table[3 * 7 + 2], words["left"])  # middle row, next to the middle column: left, full size
+    torch.testing.assert_close(table[0 * 7 + 4], words["right"] + words["top"])
+    torch.testing.assert_close(table[6 * 7 + 3], words["bottom"])
+    # every position question's answer is among its shape cell's side words
+    import random
+
+    rng = random.Random(0)
+    asked = 0
+    for scene in generate_split("train", 60, seed=2):
+        for qa in questions(scene, rng):
+            if qa.type != "position":
+                continue
+            shape = next(s for s in scene.shapes if f"the {s.colour} {s.shape} " in qa.question)
+            row, col = shape.cell
+            across = qa.answer in ("left", "right")
+            rest = table[row * 7 + col] - words[qa.answer]  # what is left is the other axis's word, or nothing
+            other_axis = [torch.zeros(6)] + [words[w] for w in (("top", "bottom") if across else ("left", "right"))]
+            assert any(torch.allclose(rest, w, atol=1e-6) for w in other_axis), (qa, shape.cell)
+            asked += 1
+    assert asked > 30
+
+
+def test_objective_with_side_words_targets_them_on_shape_cells_only():
+    generator = torch.Generator().manual_seed(4)
+    pairs = torch.randn(len(COLOURS) * len(SHAPES), 8, generator=generator)
+    sides = torch.randn(3, 8, generator=generator)[torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])]  # 3 distinct rows, 9 cells
+    labels = torch.full((2, 9), EMPTY)
+    labels[0, 0], labels[0, 4], labels[1, 8] = 5, 9, 2
+    batch = {"vision_features": torch.zeros(2, 9, 4), "cell_labels": labels}
+    targets = cell_targets(labels, pairs, sides)
+    assert not targets[labels == EMPTY].any()  # empty cells stay empty
+    torch.testing.assert_close(targets[0, 4], pairs[9] + sides[4])
+    exact = CellWordObjective(pairs, sides)(_Tokens(targets.clone()), batch)
+    assert exact["loss"] == 0 and exact["cell_accuracy"] == 1 and exact["side_accuracy"] == 1
+    off = targets.clone()
+    off[0, 4] = pairs[9] + sides[0]  # right content, the side of another cell
+    result = CellWordObjective(pairs, sides)(_Tokens(off), batch)
+    assert math.isclose(result["side_accuracy"].item(), 2 / 3, rel_tol=1e-6)
+    assert result["loss"] > 0
+    without = CellWordObjective(pairs)(_Tokens(targets.clone()), batch)
+    assert "side_accuracy" not in without and without["loss"] > 0  # side words are not part of plain targets

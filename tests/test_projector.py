@@ -81,3 +81,29 @@ def test_position_table_adds_one_row_per_token_and_can_be_left_out():
         projector(torch.randn(2, 4, 12))
     with pytest.raises(ValueError, match="positions must be >= 1"):
         Projector(12, 20, positions=0)
+
+
+def test_grid_input_tells_the_mlp_each_tokens_row_and_column():
+    from mixllm.projector import grid_codes
+
+    codes = grid_codes(3)
+    assert codes.shape == (9, 6)
+    assert codes[5].tolist() == [0, 1, 0, 0, 0, 1]  # token 5 of a 3x3 raster: row 1, column 2
+    assert torch.unique(codes, dim=0).shape[0] == 9  # every cell is told apart
+    torch.manual_seed(0)
+    projector = Projector(12, 20, "mlp2x_gelu", standardize=True, grid=3)
+    assert projector.linear_1.in_features == 12 + 6
+    assert "grid_codes" not in projector.state_dict()  # rebuilt from the config, not stored
+    same = torch.randn(12).expand(2, 9, 12)  # one feature vector in every cell
+    out = projector(same)
+    assert out.shape == (2, 9, 20)
+    assert not torch.allclose(out[:, 0], out[:, 1])  # the same content in two cells now differs
+    torch.testing.assert_close(out[0], out[1])  # and depends on the cell, not on the image in the batch
+    # the codes enter after the standardisation: a changed mean moves the content, not the codes' columns
+    with torch.no_grad():
+        projector.linear_1.weight[:, :12] = 0
+    torch.testing.assert_close(projector(torch.randn(2, 9, 12)), projector(torch.randn(2, 9, 12)))
+    with pytest.raises(ValueError, match="grid is 3x3 = 9 tokens but the input has 4"):
+        projector(torch.randn(2, 4, 12))
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        Projector(12, 20, grid=0)

@@ -432,7 +432,7 @@ def build_model(recipe: CaptionRecipe):
             raise RecipeError("init_from", f"{recipe.init_from} holds weights this model lacks: {unknown[:3]}")
         resized = [f"{k} {tuple(state[k].shape)} there, {tuple(own[k].shape)} here" for k in state if state[k].shape != own[k].shape]
         if resized:
-            raise RecipeError("init_from", f"{recipe.init_from} does not fit this model (another grid? model.image.pooled_grid): {resized[:2]}")
+            raise RecipeError("init_from", f"{recipe.init_from} does not fit this model (another grid, model.image.pooled_grid, or position_input?): {resized[:2]}")
         missing = [k for k in model.trainable_state_dict() if k.startswith("projectors.") and k not in state]
         if missing:  # a projector part this model has and init_from was trained without would start untrained
             raise RecipeError("init_from", f"{recipe.init_from} lacks the projector's {missing[:3]}: trained without "
@@ -498,11 +498,14 @@ def train_caption(recipe: CaptionRecipe, resume: str | Path | None = None) -> Ca
     if recipe.init_from is None:
         start_projector(model, processor, model.encoders["image"].pool(features[: len(train_convs)].float()))
     if recipe.align == "cell_words":
-        from training.cell_alignment import CellCollator, CellWordObjective, conversation_labels, pair_vectors
+        from training.cell_alignment import CellCollator, CellWordObjective, conversation_labels, pair_vectors, side_words
 
         train_samples, val_samples = list(range(len(train_convs))), list(range(len(train_convs), len(features)))
         collate = CellCollator(features, conversation_labels(train_convs + val_convs, seed=int(recipe.scenes["seed"])))
-        objective = CellWordObjective(pair_vectors(model.language_model.get_input_embeddings().weight.detach(), processor.tokenizer))
+        embedding = model.language_model.get_input_embeddings().weight.detach()
+        grid = model.projectors["image"].grid  # set by model.image.position_input: the tokens also learn their sides
+        objective = CellWordObjective(pair_vectors(embedding, processor.tokenizer),
+                                      side_words(embedding, processor.tokenizer, grid) if grid else None)
     else:
         train_samples = encoder.samples(train_convs)
         val_samples = encoder.samples(val_convs, first_row=len(train_convs))

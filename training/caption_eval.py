@@ -51,13 +51,19 @@ def single_questions(conversations: list[Conversation], image_token: str) -> lis
     return out
 
 
+def _on(model, batch: dict) -> dict:
+    """``batch``'s tensors on ``model``'s device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def batch_answers(model, processor, questions: list[str], vision_features: torch.Tensor | None = None,
                   pixel_values: torch.Tensor | None = None, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers to one question per image, all in one left-padded batch."""
     tokenizer = processor.tokenizer
     prompts = [question_prompt(tokenizer, q, processor.token("image")) for q in questions]
-    batch = processor(prompts, images=pixel_values, vision_features=vision_features, padding_side="left")
+    batch = _on(model, processor(prompts, images=pixel_values, vision_features=vision_features, padding_side="left"))
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_token_id)
     return [text.strip() for text in processor.batch_decode(out)]
 
@@ -105,7 +111,7 @@ def caption_loss(model, processor, conversations: list[Conversation], features: 
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start : start + batch_size])
+            batch = _on(model, collate(samples[start : start + batch_size]))
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(answer_loss(model, batch)) * n
             tokens += n
@@ -136,7 +142,7 @@ def time_to_first_token(model, processor, image_path: Path, question: str, repea
 
 
 def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size: int, speed: bool,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, device: str = "cpu") -> dict:
     from tqdm.auto import tqdm
 
     from mixllm.assets import mixllm_home
@@ -157,6 +163,7 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
     cap_feats = cached_vision_features(model.encoders["image"], processor.image_processor, [c.image for c in captions], cache, progress=progress)
     majority = majority_answers(scenes / "train_qa.json", image_token)
     twin, _ = untrained_twin(model)
+    model.to(device), twin.to(device)  # fp32 on either; the features stay on the CPU until a batch moves
 
     def run(m, zero: bool) -> list[str]:
         answers = []
@@ -179,6 +186,7 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
         "failures": [{**q, "predicted": a, "image": str(test[q["row"]].image)} for q, a in zip(questions, answers)
                      if normalize(a) != normalize(q["answer"])][:40],
         "training_run": _training_record(model_dir), "machine": machine_info(), "git_revision": git_revision(),
+        "device": _device_name(torch.device(device)),
     }  # fmt: skip
     by_condition = {name: accuracy_by_type(questions, ans) for name, ans in conditions.items()}
     for qtype in sorted(by_condition["model"]):
@@ -197,6 +205,10 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
         ttft = time_to_first_token(model, processor, test[0].image, questions[0]["question"])
         result["time_to_first_token_s"] = {"median": statistics.median(ttft), "runs": ttft, "threads": torch.get_num_threads()}
     return result
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _training_record(model_dir: Path) -> dict | None:
@@ -231,10 +243,11 @@ def markdown(result: dict) -> str:
     if "time_to_first_token_s" in result:
         t = result["time_to_first_token_s"]
         lines.append(f"Time to first token (model loaded, one image + question, median of {len(t['runs'])}): "
-                     f"{t['median'] * 1000:.0f} ms on {t['threads']} threads.")  # fmt: skip
+                     f"{t['median'] * 1000:.0f} ms on {t['threads']} threads"
+                     f"{'' if result.get('device', 'cpu') == 'cpu' else ' and the GPU'}.")  # fmt: skip
     machine = result["machine"]
     lines.append(f"Machine: {machine.get('cpu', machine.get('processor'))}, {machine.get('cpu_count')} cores; "
-                 f"revision {result['git_revision']}.")  # fmt: skip
+                 f"model on {result.get('device', 'cpu')}; revision {result['git_revision']}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +268,11 @@ def cli_eval_caption(args) -> int:
         _, scenes = data_files(recipe, "test")
     if not (scenes / "test_qa.json").is_file():
         raise MixLLMError(f"--scenes: {scenes} has no test_qa.json")
-    result = evaluate_caption(model_dir, scenes, args.max_scenes, args.batch_size, args.speed, progress=not args.no_progress)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MixLLMError("--device cuda: torch sees no CUDA device here (use --device cpu)")
+    result = evaluate_caption(model_dir, scenes, args.max_scenes, args.batch_size, args.speed,
+                              progress=not args.no_progress, device=device)
     output = Path(args.output)
     atomic_write_text(output, json.dumps(result, indent=2))
     atomic_write_text(output.with_suffix(".md"), markdown(result))

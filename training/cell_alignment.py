@@ -9,6 +9,10 @@ cell, so stage 1 can instead regress each cell's token onto a target in the LLM'
 - a cell holding a shape -> E(" colour") + E(" kind") (the first sub-token of each word);
 - every other cell -> zeros (an empty token).
 
+With ``model.image.position_input`` (the projector sees each token's row and column), a shape's cell also
+gets the words for the sides it is on (:func:`side_words`): E(" left") or E(" right") unless it is in the
+middle column, E(" top") or E(" bottom") unless in the middle row, as the position questions define them.
+
 In the binding probe (:mod:`training.qa_binding_probe`) exactly these tokens, given as an oracle, let
 stage 2 learn to bind a question to one shape within 80 steps, where stage-1 caption tokens did not start.
 The loss is the mean squared distance over shape cells plus the same over empty cells (a scene has ~2.5
@@ -58,6 +62,25 @@ def position_words(embedding: torch.Tensor, tokenizer, grid: int = GRID, scale: 
     return torch.stack(rows) * scale
 
 
+SIDE_SCALE = 1.0
+"""Side words enter at a word's size, as the colour and the kind do."""
+
+
+def side_words(embedding: torch.Tensor, tokenizer, grid: int = GRID, scale: float = SIDE_SCALE) -> torch.Tensor:
+    """(grid*grid, hidden): for the cell in row r, column c, ``scale`` x (E(" left") if c is left of the middle
+    column, E(" right") if right of it, nothing in it; likewise E(" top") / E(" bottom") by row): the sides
+    a shape centred there is on, as :func:`mixllm.data.scenes.questions` defines the position questions' sides."""
+    words = {w: word_vector(embedding, tokenizer, w).float() for w in ("left", "right", "top", "bottom")}
+    middle, zero = grid // 2, torch.zeros(embedding.shape[1])
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            across = zero if c == middle else words["left" if c < middle else "right"]
+            down = zero if r == middle else words["top" if r < middle else "bottom"]
+            rows.append(across + down)
+    return torch.stack(rows) * scale
+
+
 def cell_labels(scene: Scene, grid: int = GRID) -> torch.Tensor:
     """(grid*grid,) long: each shape's cell holds its colour-and-kind pair index, every other cell EMPTY."""
     labels = torch.full((grid * grid,), EMPTY, dtype=torch.long)
@@ -68,10 +91,14 @@ def cell_labels(scene: Scene, grid: int = GRID) -> torch.Tensor:
     return labels
 
 
-def cell_targets(labels: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """(..., cells) labels -> (..., cells, hidden) targets: the pair's vector, zeros on EMPTY cells."""
+def cell_targets(labels: torch.Tensor, pairs: torch.Tensor, sides: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., cells) labels -> (..., cells, hidden) targets: the pair's vector (+ the cell's row of ``sides``,
+    (cells, hidden), when given), zeros on EMPTY cells."""
     occupied = labels != EMPTY
-    return pairs[labels.clamp(min=0)] * occupied[..., None]
+    targets = pairs[labels.clamp(min=0)]
+    if sides is not None:
+        targets = targets + sides
+    return targets * occupied[..., None]
 
 
 def conversation_labels(conversations: list[Conversation], seed: int, grid: int = GRID) -> torch.Tensor:
@@ -96,10 +123,14 @@ class CellCollator:
 
 class CellWordObjective:
     """``(model, batch) -> {"loss", "cell_accuracy"}`` for :class:`training.caption.CaptionModule`. The
-    projector's position table (``model.image.position_embedding``) is left out, so stage 1 does not move it."""
+    projector's position table (``model.image.position_embedding``) is left out, so stage 1 does not move it.
+    ``sides`` ((cells, hidden), :func:`side_words`): added to each shape cell's target; the colour-and-kind
+    accuracy is then read from the token less its cell's side words, and ``side_accuracy`` is the share of
+    shape cells whose token less its pair is nearest its own side words among all the table's distinct rows."""
 
-    def __init__(self, pairs: torch.Tensor):
+    def __init__(self, pairs: torch.Tensor, sides: torch.Tensor | None = None):
         self.pairs = pairs  # (P, hidden) float32
+        self.sides = sides  # (cells, hidden) float32 or None
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # the content, without the position table (it keeps its start)
@@ -108,10 +139,20 @@ class CellWordObjective:
         if tokens.shape[1] != labels.shape[1]:
             raise ValueError(f"the projector gives {tokens.shape[1]} tokens an image but the scenes have {labels.shape[1]} cells")
         pairs = self.pairs.to(tokens.device)
-        distance = (tokens - cell_targets(labels, pairs)).pow(2).sum(-1)  # (B, cells)
+        sides = None if self.sides is None else self.sides.to(tokens.device)
+        if sides is not None and sides.shape[0] != labels.shape[1]:
+            raise ValueError(f"the side words cover {sides.shape[0]} cells but the scenes have {labels.shape[1]}")
+        distance = (tokens - cell_targets(labels, pairs, sides)).pow(2).sum(-1)  # (B, cells)
         occupied = labels != EMPTY
         loss = distance[occupied].mean() + distance[~occupied].mean()
+        metrics = {"loss": loss}
         with torch.no_grad():
-            nearest = torch.cdist(tokens[occupied], pairs).argmin(-1)
-            accuracy = (nearest == labels[occupied]).float().mean()
-        return {"loss": loss, "cell_accuracy": accuracy}
+            content = tokens if sides is None else tokens - sides  # each token less its cell's side words
+            nearest = torch.cdist(content[occupied], pairs).argmin(-1)
+            metrics["cell_accuracy"] = (nearest == labels[occupied]).float().mean()
+            if sides is not None:
+                distinct, side_label = torch.unique(sides, dim=0, return_inverse=True)
+                where = (tokens - pairs[labels.clamp(min=0)])[occupied]  # each token less its pair
+                cell_side = side_label.expand_as(labels)[occupied]
+                metrics["side_accuracy"] = (torch.cdist(where, distinct).argmin(-1) == cell_side).float().mean()
+        return metrics
