@@ -84,9 +84,10 @@ rankers-eval: setup
 		"student (user tokens, CPU budget) + SASRec=runs/student_user_fused/ranker" --student "student (all windows, GPU) + SASRec"
 
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
-# held-out report reports/scenes_qa.{json,md}. Stage 1 (by cells, no LLM forward) takes ~1 min; stage 2 (300 steps)
-# took 74 min in fp32 on the 2-core AMD EPYC (the committed default), ~15 s a step. CAPTION_PRECISION=bf16-mixed
-# (bfloat16 autocast) is faster only on a CPU with AMX (the Xeon: ~8.6 s a step). Then the report, ~16 min.
+# held-out report reports/scenes_qa.{json,md}. Stage 1 (by cells, no LLM forward) takes ~1 min; stage 2 (600 steps)
+# took 151 s on one H100 in fp32 (the committed default: CAPTION_PRECISION=32-true; auto is bf16-mixed on a GPU)
+# and ~2.5 h on the 2-core CPU (~15 s a step in fp32). CAPTION_PRECISION=bf16-mixed (bfloat16 autocast) is
+# faster on a CPU only with AMX (the Xeon: ~8.6 s a step). Then the report, ~16 min on the CPU.
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
 	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml
@@ -103,10 +104,14 @@ caption: setup
 caption-eval: setup
 	$(VENV)/bin/mixllm eval caption --model checkpoints/scenes_qa --speed
 
-# The pooling ablation: stage 2 as above from the same stage-1 projector, the 7x7 grid pooled to 4x4
-# (16 image tokens) -> reports/scenes_qa_pool4.{json,md} (not committed as a checkpoint). Needs runs/caption_stage1.
+# The pooling ablation: session 12's recipe (no position input, 300 steps), the 7x7 grid pooled to 4x4
+# (16 image tokens) in stage 2, from its own stage 1 -> reports/scenes_qa_pool4.{json,md} (not committed as
+# a checkpoint). Its 49-token twin is the same two commands without pooled_grid (README, "Fewer image tokens").
 caption-pooled: setup
-	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml --set model.image.pooled_grid=4 output_dir=runs/caption_stage2_pool4
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage1.yaml --set model.image.position_input=false output_dir=runs/caption_stage1_plain
+	$(VENV)/bin/mixllm train caption --config training/configs/caption_stage2.yaml --set precision=$(CAPTION_PRECISION) \
+		model.image.position_input=false model.image.pooled_grid=4 max_steps=300 max_epochs=2 \
+		init_from=runs/caption_stage1_plain/model output_dir=runs/caption_stage2_pool4
 	$(VENV)/bin/mixllm eval caption --model runs/caption_stage2_pool4/model --speed --output reports/scenes_qa_pool4.json
 
 # Ablations, kept in runs/ (not committed) -> reports/ml100k_ablations.{json,md}: the earlier issue's
