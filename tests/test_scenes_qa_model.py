@@ -52,7 +52,7 @@ def test_zeroing_the_image_features_brings_accuracy_down_to_the_majority_baselin
     print(f"with the image {with_image:.3f}, zeroed {zeroed:.3f}, majority baseline {baseline:.3f}")
     # Thresholds set on session 11's default (these 200 questions, Intel Xeon: 0.844 / 0.322 / 0.281); the
     # full report's 993 questions give 0.868 / 0.317 there, 0.912 / 0.325 for session 12's default and
-    # 0.979 / 0.316 for session 13's (the H100 run's report). A position question offers two sides, so a
+    # 0.979 / 0.316 for session 13's (CPU and H100 alike). A position question offers two sides, so a
     # blind model gets ~0.5 of those where the per-type majority gets ~0.25: "down to the baseline" allows that.
     assert with_image >= baseline + 0.4, (with_image, baseline)
     assert with_image >= zeroed + 0.4, (with_image, zeroed)
