@@ -86,7 +86,7 @@ rankers-eval: setup
 # LLaVA's two stages on the built-in scenes -> checkpoints/scenes_qa (projector + LoRA adapters), then the
 # held-out report reports/scenes_qa.{json,md}. Stage 1 (by cells, no LLM forward) takes ~1 min; stage 2 (600 steps)
 # took 151 s on one H100 in fp32 (the committed default: CAPTION_PRECISION=32-true; auto is bf16-mixed on a GPU)
-# and ~2.5 h on the 2-core CPU (~15 s a step in fp32). CAPTION_PRECISION=bf16-mixed (bfloat16 autocast) is
+# and ~2.6 h on the 2-core CPU (~16 s a step in fp32). CAPTION_PRECISION=bf16-mixed (bfloat16 autocast) is
 # faster on a CPU only with AMX (the Xeon: ~8.6 s a step). Then the report, ~16 min on the CPU.
 caption: setup
 	rm -rf runs/caption_stage1 runs/caption_stage2
