@@ -17,11 +17,21 @@ import torch
 from torch import nn
 
 from mixllm.config import ImageConfig, MixLLMConfig
-from mixllm.errors import MixLLMError
+from mixllm.errors import DataError, MixLLMError
 from mixllm.modeling import CONFIG_NAME, MixLLMForCausalLM
 from mixllm.processor import MixLLMProcessor, register_placeholder_tokens
 
 logger = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """A ``--device`` setting (``auto``, ``cpu`` or ``cuda``) -> the device: ``auto`` is the GPU when torch
+    sees one; ``cuda`` without one is a DataError naming the setting."""
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda: no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def load_language_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +57,6 @@ def word_embedding_rms(language_model: nn.Module) -> float:
     return float(weight.pow(2).mean(-1).sqrt().mean())
 
 
-def image_grid(num_tokens: int) -> int:
-    """The side of a square grid of ``num_tokens`` image tokens (``image.position_input`` needs one)."""
-    grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens:
-        raise ValueError(f"image.position_input needs a square grid of image tokens, but an image gives {num_tokens}")
-    return grid
-
-
 class MixLLMForCausalLM(nn.Module):
     def __init__(self, config: MixLLMConfig, language_model: nn.Module, image_tower: nn.Module | None = None):
         super().__init__()
@@ -79,12 +70,16 @@ class MixLLMForCausalLM(nn.Module):
         self.projectors = nn.ModuleDict()
         if config.image is not None:
             self.encoders["image"] = ImageEncoder(config.image, tower=image_tower)
+            grid = self.encoders["image"].token_grid
+            if config.image.position_input and grid is None:
+                raise ValueError("image.position_input needs a square grid of image tokens, but an image gives "
+                                 f"{self.encoders['image'].num_tokens}")
             self.projectors["image"] = Projector(
                 self.encoders["image"].output_dim, hidden, config.image.projector, config.image.projector_bias,
                 output_rms=word_embedding_rms(language_model) if config.image.projector_norm else None,
                 standardize=config.image.standardize_features,
                 positions=self.encoders["image"].num_tokens if config.image.position_embedding else None,
-                grid=image_grid(self.encoders["image"].num_tokens) if config.image.position_input else None,
+                grid=grid if config.image.position_input else None,
             )
         if config.item is not None:
             self.encoders["item"] = ItemEncoder(config.item)

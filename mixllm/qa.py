@@ -318,8 +318,9 @@ def cli_ask(args: argparse.Namespace) -> int:
     image = open_image_file(args.image)  # before loading the model: a bad image fails at once
     settings = GenerationSettings(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   seed=args.seed)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    qa = QAModel.load(path, device)
+    from mixllm.loading import resolve_device
+
+    qa = QAModel.load(path, resolve_device(args.device))
     completion = qa.complete([user_message(args.question)], [image], settings)
     if args.stream:
         for delta in completion:

@@ -584,12 +584,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
     from mixllm.data import load_movielens_100k
     from mixllm.provenance import git_revision, machine_info
-    from serving.runtime import serving_device
+    from mixllm.loading import resolve_device
 
     load_before = os.getloadavg()[0]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = serving_device(args.device)
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     max_batch = args.max_batch_size or (64 if cuda else 8)
     levels = args.concurrency or ([1, 8, 32, 64] if cuda else [1, 8, 32])

@@ -16,6 +16,7 @@ import torch
 from mixllm.data import load_dataset
 from mixllm.errors import DataError
 from mixllm.features import FeatureLayout
+from mixllm.loading import resolve_device
 from mixllm.ranking import ItemCatalog, MixLLMRanker
 from serving.catalog import Catalog, StudentItems
 from serving.chat import ChatService
@@ -48,14 +49,6 @@ class Runtime:
     def model_names(self) -> list[str]:
         """Every served model: the rankers, then the image QA model."""
         return list(self.models) + ([self.chat.name] if self.chat is not None else [])
-
-
-def serving_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise DataError("--device cuda: no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def load_ranker(path: Path, item_texts: list[str], device: torch.device) -> MixLLMRanker:
@@ -115,7 +108,7 @@ def load_runtime(settings: Settings, encode_texts=None) -> Runtime:
     the packaged MiniLM."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = serving_device(settings.device)
+    device = resolve_device(settings.device)
     Path(settings.store).parent.mkdir(parents=True, exist_ok=True)
     store = Store(settings.store)
     dataset = load_dataset(settings.dataset)

@@ -23,17 +23,22 @@ def held_out(tmp_path_factory):
     return test, single_questions(test, "<image>"), majority_answers(root / "train_qa.json", "<image>"), root
 
 
-def test_zeroing_the_image_features_brings_accuracy_down_to_the_majority_baseline(held_out, tmp_path):
+@pytest.fixture(scope="module")
+def qa():
+    """The committed default as `mixllm ask` and the service load it (adapters merged, CPU, fp32)."""
+    from mixllm.qa import QAModel
+
+    return QAModel.load(DEFAULT_QA_CHECKPOINT)
+
+
+def test_zeroing_the_image_features_brings_accuracy_down_to_the_majority_baseline(held_out, qa, tmp_path):
     """With the image the default answers most held-out questions; with the vision features replaced by zeros
     (same prompts, same model) it is no better than always giving each type's majority answer."""
-    from mixllm.loading import from_pretrained
-    from mixllm.lora import merge_lora
     from training.caption_eval import batch_answers, normalize
     from training.vision_cache import cached_vision_features
 
     conversations, questions, majority, _ = held_out
-    model, processor = from_pretrained(DEFAULT_QA_CHECKPOINT)
-    merge_lora(model.language_model)
+    model, processor = qa.model, qa.processor
     feats = cached_vision_features(model.encoders["image"], processor.image_processor, [c.image for c in conversations],
                                    tmp_path, progress=False).float()  # fmt: skip
 
@@ -59,19 +64,18 @@ def test_zeroing_the_image_features_brings_accuracy_down_to_the_majority_baselin
     assert zeroed <= baseline + 0.1, (zeroed, baseline)
 
 
-def test_the_default_tells_left_from_right(held_out):
+def test_the_default_tells_left_from_right(held_out, qa):
     """The left/right questions, which raster order alone does not answer (session 12's default: 0.60 on the
     report's 98): the default's projector reads each token's column (``image.position_input``). On these 40
     scenes it answers them from pixels, through the same path as `mixllm ask`."""
     from PIL import Image
 
     from mixllm.generation import GenerationSettings
-    from mixllm.qa import QAModel, user_message
+    from mixllm.qa import user_message
     from training.caption_eval import normalize
 
     conversations, questions, _, _ = held_out
     asked = [q for q in questions if q["type"] == "position" and q["answer"] in ("left", "right")]
-    qa = QAModel.load(DEFAULT_QA_CHECKPOINT)
     assert qa.model.config.image.position_input
 
     def answer(q: dict) -> str:

@@ -454,10 +454,10 @@ def start_projector(model: MixLLMForCausalLM, processor, train_features: torch.T
     if projector.positions is not None:
         from training.cell_alignment import position_words
 
-        rows = projector.positions.shape[0]
-        grid = math.isqrt(rows)
-        if grid * grid != rows:
-            log.warning("the image tokens (%d) are not a square grid: the position table starts at zeros", rows)
+        grid = model.encoders["image"].token_grid
+        if grid is None:
+            log.warning("the image tokens (%d) are not a square grid: the position table starts at zeros",
+                        projector.positions.shape[0])
             return
         embedding = model.language_model.get_input_embeddings().weight.detach()
         with torch.no_grad():

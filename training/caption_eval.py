@@ -142,7 +142,7 @@ def time_to_first_token(model, processor, image_path: Path, question: str, repea
 
 
 def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size: int, speed: bool,
-                     progress: bool = True, device: str = "cpu") -> dict:
+                     progress: bool = True, device: torch.device = torch.device("cpu")) -> dict:
     from tqdm.auto import tqdm
 
     from mixllm.assets import mixllm_home
@@ -163,7 +163,8 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
     cap_feats = cached_vision_features(model.encoders["image"], processor.image_processor, [c.image for c in captions], cache, progress=progress)
     majority = majority_answers(scenes / "train_qa.json", image_token)
     twin, _ = untrained_twin(model)
-    model.to(device), twin.to(device)  # fp32 on either; the features stay on the CPU until a batch moves
+    model.to(device)  # fp32 on either device; the features stay on the CPU until a batch moves
+    twin.to(device)
 
     def run(m, zero: bool) -> list[str]:
         answers = []
@@ -186,7 +187,7 @@ def evaluate_caption(model_dir: Path, scenes: Path, max_scenes: int, batch_size:
         "failures": [{**q, "predicted": a, "image": str(test[q["row"]].image)} for q, a in zip(questions, answers)
                      if normalize(a) != normalize(q["answer"])][:40],
         "training_run": _training_record(model_dir), "machine": machine_info(), "git_revision": git_revision(),
-        "device": _device_name(torch.device(device)),
+        "device": _device_name(device),
     }  # fmt: skip
     by_condition = {name: accuracy_by_type(questions, ans) for name, ans in conditions.items()}
     for qtype in sorted(by_condition["model"]):
@@ -268,11 +269,10 @@ def cli_eval_caption(args) -> int:
         _, scenes = data_files(recipe, "test")
     if not (scenes / "test_qa.json").is_file():
         raise MixLLMError(f"--scenes: {scenes} has no test_qa.json")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MixLLMError("--device cuda: torch sees no CUDA device here (use --device cpu)")
+    from mixllm.loading import resolve_device
+
     result = evaluate_caption(model_dir, scenes, args.max_scenes, args.batch_size, args.speed,
-                              progress=not args.no_progress, device=device)
+                              progress=not args.no_progress, device=resolve_device(args.device))
     output = Path(args.output)
     atomic_write_text(output, json.dumps(result, indent=2))
     atomic_write_text(output.with_suffix(".md"), markdown(result))

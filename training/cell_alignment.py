@@ -46,39 +46,36 @@ def pair_vectors(embedding: torch.Tensor, tokenizer) -> torch.Tensor:
 
 POSITION_SCALE = 0.5
 """Position words enter at half a word's size beside a shape's two words."""
+SIDE_SCALE = 1.0
+"""Side words enter at a word's size, as the colour and the kind do."""
+
+
+def _sides_table(embedding: torch.Tensor, tokenizer, grid: int, weight) -> torch.Tensor:
+    """(grid*grid, hidden): for the cell in row r, column c, weight(c - centre) x E(" left" or " right") +
+    weight(r - centre) x E(" top" or " bottom"), the word of the side of the centre the cell is on."""
+    words = {w: word_vector(embedding, tokenizer, w).float() for w in ("left", "right", "top", "bottom")}
+    centre = (grid - 1) / 2
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            across, down = c - centre, r - centre
+            rows.append(weight(across, centre) * words["right" if across > 0 else "left"]
+                        + weight(down, centre) * words["bottom" if down > 0 else "top"])  # fmt: skip
+    return torch.stack(rows)
 
 
 def position_words(embedding: torch.Tensor, tokenizer, grid: int = GRID, scale: float = POSITION_SCALE) -> torch.Tensor:
     """(grid*grid, hidden) starting rows of the projector's position table: for the cell in row r, column c,
     ``scale`` x (h E(" left" or " right") + v E(" top" or " bottom")), where h = |c - centre| / centre and
     v likewise: the words the position questions answer with, graded from 0 at the middle to 1 at the edge."""
-    words = {w: word_vector(embedding, tokenizer, w).float() for w in ("left", "right", "top", "bottom")}
-    centre = (grid - 1) / 2
-    rows = []
-    for r in range(grid):
-        for c in range(grid):
-            h, v = (c - centre) / centre, (r - centre) / centre
-            rows.append(abs(h) * words["right" if h > 0 else "left"] + abs(v) * words["bottom" if v > 0 else "top"])
-    return torch.stack(rows) * scale
-
-
-SIDE_SCALE = 1.0
-"""Side words enter at a word's size, as the colour and the kind do."""
+    return _sides_table(embedding, tokenizer, grid, lambda offset, centre: abs(offset) / centre if offset else 0.0) * scale
 
 
 def side_words(embedding: torch.Tensor, tokenizer, grid: int = GRID, scale: float = SIDE_SCALE) -> torch.Tensor:
     """(grid*grid, hidden): for the cell in row r, column c, ``scale`` x (E(" left") if c is left of the middle
     column, E(" right") if right of it, nothing in it; likewise E(" top") / E(" bottom") by row): the sides
     a shape centred there is on, as :func:`mixllm.data.scenes.questions` defines the position questions' sides."""
-    words = {w: word_vector(embedding, tokenizer, w).float() for w in ("left", "right", "top", "bottom")}
-    middle, zero = grid // 2, torch.zeros(embedding.shape[1])
-    rows = []
-    for r in range(grid):
-        for c in range(grid):
-            across = zero if c == middle else words["left" if c < middle else "right"]
-            down = zero if r == middle else words["top" if r < middle else "bottom"]
-            rows.append(across + down)
-    return torch.stack(rows) * scale
+    return _sides_table(embedding, tokenizer, grid, lambda offset, centre: float(offset != 0)) * scale
 
 
 def cell_labels(scene: Scene, grid: int = GRID) -> torch.Tensor:

@@ -48,6 +48,9 @@ class ImageEncoder(nn.Module):
             if config.pooled_grid > side:
                 raise ValueError(f"image.pooled_grid {config.pooled_grid} is larger than the tower's {side}x{side} grid")
             self.num_tokens = config.pooled_grid**2
+        side = math.isqrt(self.num_tokens)
+        self.token_grid = side if side * side == self.num_tokens else None
+        """The side of the square grid the image tokens form (raster order); None when they form none."""
         if config.freeze_encoder:
             self.tower.requires_grad_(False)
             self.tower.eval()
