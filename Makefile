@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mixllm-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo serve bench-serve test assets rankers rankers-default rankers-eval rankers-ablations rankers-distill rankers-cold caption caption-eval caption-pooled clean
+.PHONY: setup demo serve bench-serve test assets rankers rankers-default rankers-eval rankers-ablations rankers-distill rankers-users rankers-cold caption caption-eval caption-pooled clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,7 @@ rankers: setup
 	$(MAKE) rankers-eval
 	$(MAKE) rankers-ablations
 	$(MAKE) rankers-distill
+	$(MAKE) rankers-users
 
 # The served default -> checkpoints/student: training/configs/student_gpu.yaml (user tokens, every sliding
 # window: 97,171 lists, batch 64, 3,983 steps = 2.6 epochs; 812 s on one H100, ~12 h on the 2-core CPU),
@@ -147,6 +148,27 @@ rankers-distill: setup
 		--checkpoint "student (CPU budget, distilled from SASRec) + SASRec=runs/student_user_sasrec_kd_fused/ranker" \
 		"student (CPU budget, labels only) + SASRec=runs/student_user_fused/ranker" \
 		--student "student (CPU budget, distilled from SASRec) + SASRec"
+
+# User-history tokens, ablated on the CPU budget (issue 11): student_user.yaml's 9,430 lists, seed and
+# schedule with m = 4 user tokens (the recipe), m = 1, and none (only the 10 item tokens), all three trained
+# here in fp32 (bf16 is slow on a CPU without AMX; ~30 min each on the 2-core AMD EPYC), each fused likewise,
+# and scored in one run, fused and alone, with the arms compared paired per user (--compare)
+# -> reports/ml100k_user_tokens.{json,md}. Sampled-20 only (~20 min).
+USERS_RECIPE = --config training/configs/student_user.yaml --set precision=32-true
+rankers-users: setup
+	$(VENV)/bin/mixllm train student $(USERS_RECIPE) output_dir=runs/student_user_m4
+	$(VENV)/bin/mixllm train student $(USERS_RECIPE) user.num_tokens=1 output_dir=runs/student_user_m1
+	$(VENV)/bin/mixllm train student $(USERS_RECIPE) user=null output_dir=runs/student_user_m0
+	for m in 4 1 0; do $(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user_m$$m/ranker \
+		--output runs/student_user_m$${m}_fused/ranker || exit 1; done
+	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 --speed-requests 16 --output reports/ml100k_user_tokens.json \
+		--checkpoint "m = 4 user tokens + SASRec=runs/student_user_m4_fused/ranker" \
+		"m = 1 user token + SASRec=runs/student_user_m1_fused/ranker" \
+		"no user tokens + SASRec=runs/student_user_m0_fused/ranker" --student "m = 4 user tokens + SASRec" \
+		--compare "m = 4 user tokens + SASRec [alone: fusion off]" "no user tokens + SASRec [alone: fusion off]" \
+		--compare "m = 4 user tokens + SASRec [alone: fusion off]" "m = 1 user token + SASRec [alone: fusion off]" \
+		--compare "m = 4 user tokens + SASRec" "no user tokens + SASRec" \
+		--compare "m = 4 user tokens + SASRec" "m = 1 user token + SASRec"
 
 # Cold items: the CPU-budget student's second epoch, plain (the control) and with the SASRec part of 30% of
 # its item tokens zeroed (cold_item_rate, as the service reads new items), each fused likewise; then

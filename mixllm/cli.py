@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="full ranking: the depths k of the FAISS top-k that the LLM reranks (each one reported)")
     rk.add_argument("--student", default=None, metavar="NAME",
                     help="the --checkpoint NAME compared with SASRec and the teacher (default: the first distilled student)")
+    rk.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                    help="also report row A minus row B, paired per user with a bootstrap interval (repeatable; "
+                         "a fused row's fusion-off row is named 'NAME [alone: fusion off]')")
     rk.add_argument("--headline-depth", type=int, default=None,
                     help="the --retrieve depth of the table's full-ranking columns and targets (default: the largest)")
     rk.add_argument("--batch-size", type=int, default=8, help="requests per forward while scoring")

@@ -34,6 +34,28 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def tiny_language_model(seed: int, hidden: int = 32, **overrides):
+    """A 2-layer random Llama ``hidden`` wide over the SmolLM2 tokenizer (its chat template too), built in
+    memory: the base LLM of the tiny recipes and of the tests. Its weights are drawn after
+    ``torch.manual_seed(seed)``, which leaves torch's global generator moved on; wrap the call in
+    ``torch.random.fork_rng`` where that matters. ``overrides``: more ``LlamaConfig`` fields.
+
+    Returns: ``(model in eval mode, tokenizer)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from mixllm.assets import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
 def load_language_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers causal LM and its tokenizer from a packaged asset name or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -64,34 +64,15 @@ class World:
                 "--store", str(store), "--port", str(port), "--device", "cpu", "--threads", "1", "--qa-model", ""]
 
 
-def _tiny_base_model(seed: int, **overrides):
-    """A 2-layer, 32-wide random Llama over the SmolLM2 tokenizer, as
-    ``training.rankers.make_tiny_base_model`` builds it; not imported from there because
-    ``training.rankers`` imports Lightning (~10 s on this machine, more than the whole world)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from mixllm.assets import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
-
-
 def _save_tiny_ranker(path: Path, mode: str, features: torch.Tensor | None, texts: list[str], seed: int,
                       recipe: dict) -> None:
     """Build and save a tiny ranker the way ``training.rankers.save_ranker`` lays it out: the base LLM
     in ``path/base_model`` (referenced by the config), the ranker, and ``training_run.json``."""
     from mixllm.config import ItemConfig, MixLLMConfig
-    from mixllm.loading import build
+    from mixllm.loading import build, tiny_language_model
     from mixllm.ranking import ItemCatalog, MixLLMRanker
 
-    language_model, tokenizer = _tiny_base_model(seed)
+    language_model, tokenizer = tiny_language_model(seed)
     item = None if features is None else ItemConfig(feature_dim=int(features.shape[1]), projector="linear")
     base = path / "base_model"
     language_model.save_pretrained(base)
@@ -112,10 +93,10 @@ def build_tiny_qa(path: Path, seed: int = 2) -> Path:
     language model's weights are drawn wider than usual (std 0.5) so that its greedy answers vary with the
     image and the question, instead of repeating one token."""
     from mixllm.config import ImageConfig, MixLLMConfig
-    from mixllm.loading import build
+    from mixllm.loading import build, tiny_language_model
     from mixllm.lora import LoRAConfig, LoRALinear
 
-    language_model, tokenizer = _tiny_base_model(seed, initializer_range=0.5)
+    language_model, tokenizer = tiny_language_model(seed, initializer_range=0.5)
     base = path / "base_model"
     language_model.save_pretrained(base)
     tokenizer.save_pretrained(base)

@@ -14,7 +14,7 @@ from mixllm.config import ImageConfig, MixLLMConfig
 from mixllm.conversation import IGNORE_INDEX, question_prompt
 from mixllm.data.llava import load_llava_conversations
 from mixllm.data.scenes import write_scenes
-from mixllm.loading import build
+from mixllm.loading import build, tiny_language_model
 from training.caption import (
     CaptionCollator,
     CaptionRecipe,
@@ -37,19 +37,9 @@ def scenes(tmp_path_factory):
 
 
 def _save_tiny_lm(path, hidden: int):
-    """A 2-layer random Llama over the SmolLM2 tokenizer (and its chat template), saved as a transformers directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from mixllm.assets import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    """``mixllm.loading.tiny_language_model`` (seed 0) saved as a transformers directory."""
+    model, tokenizer = tiny_language_model(0, hidden=hidden)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -553,6 +553,9 @@ def test_seeds_and_headline_depth_are_checked_naming_the_option(setup, tmp_path)
     args.seeds, args.headline_depth = [0], 20
     with pytest.raises(ranker_eval.EvalError, match="--headline-depth 20 is not one of --retrieve 10 30"):
         ranker_eval.run_eval(args)
+    args.headline_depth, args.compare = None, [["Popularity", "no such row"]]
+    with pytest.raises(ranker_eval.EvalError, match="--compare 'no such row': not a row of this report; rows: "):
+        ranker_eval.run_eval(args)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -589,6 +592,17 @@ def test_the_named_student_is_the_one_compared_and_never_its_own_labels_only_twi
     del rows[2]  # the labels-only student unfused: no alone-vs-alone entry at all
     assert "distilled_vs_labels_only_alone" not in ranker_eval.paired_comparisons(rows, runs, [0], [20])
 
+    # --compare A B: any two rows, on each protocol both were scored on (here sampled-20 only).
+    named = ranker_eval.paired_comparisons(rows, runs, [0], [20], [("kd", "SASRec"), ("labels [alone]", "kd")])
+    entry = named["kd − SASRec, sampled-20"]
+    assert (entry["a"], entry["b"], entry["metric"], entry["per"]) == ("kd", "SASRec", "hr@1", "seed")
+    assert entry["results"]["0"]["mean"] == pytest.approx(0.5 - np.mean(users % 6 == 0))
+    assert entry["results"]["0"]["n"] == 40
+    assert named["labels [alone] − kd, sampled-20"]["results"]["0"]["mean"] == pytest.approx(np.mean(users % 5 == 0) - 0.5)
+    assert not any(key.endswith(", full") for key in named)  # full ranking was not scored
+    with pytest.raises(ranker_eval.EvalError, match="--compare 'nope': not a row of this report"):
+        ranker_eval.named_comparisons(runs, [0], [20], [("kd", "nope")])
+
 
 def test_a_fused_student_gets_a_fusion_off_row_from_the_same_forward(setup, tmp_path, monkeypatch):
     """A fused checkpoint is reported twice: fused, and alone (fused minus gate x SASRec score, which is
@@ -613,6 +627,7 @@ def test_a_fused_student_gets_a_fusion_off_row_from_the_same_forward(setup, tmp_
     monkeypatch.setattr(ProtocolRanker, "score", spy)
     output = tmp_path / "fused.json"
     data = _eval(setup, "--speed-requests", "2", "--speed-batch-size", "2", "--batch-size", "4", "--student", "fused",
+                 "--compare", "fused [alone: fusion off]", "unfused",
                  checkpoints=[f"fused={fused_dir}", f"unfused={setup['labels']}"], output=output, seeds=(0, 1))  # fmt: skip
     assert scored and len(set(scored)) == len(scored), "the fusion-off row must reuse the fused row's forwards"
     rows = _rows(data)
@@ -639,5 +654,9 @@ def test_a_fused_student_gets_a_fusion_off_row_from_the_same_forward(setup, tmp_
     assert comparisons["fused_vs_alone"]["a"] == "fused" and comparisons["fused_vs_alone"]["b"] == alone["name"]
     assert list(comparisons["alone_vs_sasrec"]["results"]) == ["0", "1"]
     assert "skipped" in comparisons["alone_vs_teacher"]  # no teacher row here; without a fused row there is no entry
+    named = comparisons["fused [alone: fusion off] − unfused, sampled-20"]  # --compare: the same scores, paired
+    assert list(named["results"]) == ["0", "1"] and named["results"]["0"]["n"] == NUM_USERS
+    assert all(abs(r["mean"]) <= 0.05 for r in named["results"].values())
+    assert "| fused [alone: fusion off] | unfused | sampled-20 hr@1 | seed 1 |" in output.with_suffix(".md").read_text()
     with pytest.raises(ranker_eval.EvalError, match="not a fused ranker"):
         ranker_eval.FusionParts(unfused, "x")

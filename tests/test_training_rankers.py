@@ -15,6 +15,7 @@ import yaml
 
 from mixllm.data import leave_one_out, make_synthetic_dataset
 from mixllm.errors import MixLLMError
+from mixllm.loading import tiny_language_model
 from mixllm.ranking import ItemCatalog, MixLLMRanker
 from training import ranker_build, ranking_lists, teacher_scores
 from training.ranker_recipe import RankerRecipe
@@ -183,7 +184,7 @@ def test_teacher_checkpoint_reloads_to_identical_scores(teacher_run, tmp_path):
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b)
     # full fine-tuning trained the LLM: the checkpoint differs from the fresh random base
-    fresh, _ = ranker_build.make_tiny_base_model(0)
+    fresh, _ = tiny_language_model(0)
     assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, reloaded.model.language_model.model.layers[0].mlp.up_proj.weight)
 
 

@@ -28,7 +28,6 @@ TINY_BASE_MODEL = "tiny-random-llama"
 """``base_model`` value meaning: a 2-layer, 32-wide random Llama (seeded) with the SmolLM2 tokenizer,
 built in memory. Its weights are written next to the ranker checkpoint (``ranker/base_model``) so
 the checkpoint reloads like any other."""
-SMOLLM2_TOKENIZER = "smollm2-135m-instruct"
 RUN_INFO_NAME = "training_run.json"
 
 
@@ -38,25 +37,6 @@ def load_recipe_dataset(recipe: RankerRecipe) -> InteractionDataset:
 
         return make_synthetic_dataset(seed=recipe.seed)
     return load_dataset(recipe.dataset)
-
-
-def make_tiny_base_model(seed: int = 0):
-    """A 2-layer, 32-wide random Llama over the SmolLM2 tokenizer (built in memory, seeded)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from mixllm.assets import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2_TOKENIZER))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    torch.random.set_rng_state(generator_state)
-    return model, tokenizer
 
 
 def load_item_features(recipe: RankerRecipe, dataset: InteractionDataset) -> torch.Tensor | None:
@@ -108,10 +88,11 @@ def history_width(recipe: RankerRecipe) -> int:
 def build_ranker(recipe: RankerRecipe, dataset: InteractionDataset) -> MixLLMRanker:
     """A fresh ranker for the recipe's role: the base LLM, the item (and user) modality of the student,
     a score head. The widths the recipe's sections leave to the data are set here."""
-    from mixllm.loading import build, load_language_model
+    from mixllm.loading import build, load_language_model, tiny_language_model
 
     if recipe.base_model == TINY_BASE_MODEL:
-        language_model, tokenizer = make_tiny_base_model(recipe.seed)
+        with torch.random.fork_rng(devices=[]):  # the run's seeded draws stay as they were
+            language_model, tokenizer = tiny_language_model(recipe.seed)
     else:
         language_model, tokenizer = load_language_model(recipe.base_model)
     item, user, features = None, None, None

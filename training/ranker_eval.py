@@ -262,8 +262,9 @@ def _roles(rows: list[dict]) -> dict[str, dict | None]:
 
 
 def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | None], UserMetrics]],
-                       seeds: list[int], depths: list[int]) -> dict[str, dict[str, Any]]:
-    """The :data:`COMPARISONS` on the per-user ``runs`` (``{row name: {(protocol, seed or depth): ...}}``).
+                       seeds: list[int], depths: list[int], pairs: list[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:
+    """The :data:`COMPARISONS` on the per-user ``runs`` (``{row name: {(protocol, seed or depth): ...}}``),
+    then the ``pairs`` of rows the command named (``--compare A B``: :func:`named_comparisons`).
 
     Each is ``{a, b, protocol, metric, per, results: {seed or depth: paired_difference}}``, or, where a
     row is not in the report or the protocol was not scored, ``{..., skipped: why}``.
@@ -290,6 +291,32 @@ def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | N
         if "skipped" in entry:
             log.info("comparison %s skipped: %s", key, entry["skipped"])
         out[key] = entry
+    return {**out, **named_comparisons(runs, seeds, depths, pairs)}
+
+
+# What a named pair is compared on: (protocol, metric, per), where both rows were scored on it.
+NAMED_METRICS = (("sampled-20", "hr@1", "seed"), ("full", "ndcg@10", "depth"))
+
+
+def named_comparisons(runs: dict[str, dict[tuple[str, int | None], UserMetrics]], seeds: list[int], depths: list[int],
+                      pairs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """``--compare A B``: row A minus row B, paired per user, on every :data:`NAMED_METRICS` protocol both
+    rows were scored on (sampled-20 HR@1 per candidate seed; full NDCG@10 per rerank depth), keyed
+    ``"A − B, <protocol>"``. Ablations use it: the arms of one recipe, scored in one run.
+
+    Raises: EvalError naming the row when A or B is not a row of the report."""
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        for name in (a, b):
+            if name not in runs:
+                raise EvalError(f"--compare {name!r}: not a row of this report; rows: {sorted(runs)}")
+        for protocol, metric, per in NAMED_METRICS:
+            variants = seeds if per == "seed" else depths
+            if all((protocol, v) in runs[a] and (protocol, v) in runs[b] for v in variants):
+                out[f"{a} − {b}, {protocol}"] = {
+                    "a": a, "b": b, "protocol": protocol, "metric": metric, "per": per,
+                    "results": {str(v): paired_difference(runs[a][(protocol, v)], runs[b][(protocol, v)], metric) for v in variants},
+                }  # fmt: skip
     return out
 
 
@@ -494,6 +521,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     names = [meta["name"] for _, meta in entries]
     if len(set(names)) != len(names):
         raise EvalError(f"two rows would be called the same ({names}); name them with --checkpoint NAME=PATH")
+    pairs = [tuple(pair) for pair in getattr(args, "compare", None) or []]
+    unknown = sorted({name for pair in pairs for name in pair} - set(names))
+    if unknown:  # said before any scoring
+        raise EvalError(f"--compare {unknown[0]!r}: not a row of this report; rows: {names}")
 
     def score(ranker: Ranker, protocol: str, users: np.ndarray, seed: int, k: int, rerank: bool = False) -> UserMetrics:
         return UserMetrics(users, per_user_metrics(ranker, split, protocol, users, seed, args.cache_dir, retriever, k,
@@ -577,7 +608,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                         "candidates_per_request": 20, "precision": "fp32", "threads": torch.get_num_threads(),
                         "python": platform.python_version()},
         "rankers": rows,
-        "comparisons": paired_comparisons(rows, runs, seeds, depths),
+        "comparisons": paired_comparisons(rows, runs, seeds, depths, pairs),
     }  # fmt: skip
     report["targets"] = check_targets(report)
     return report
