@@ -161,7 +161,7 @@ rankers-users: setup
 	$(VENV)/bin/mixllm train student $(USERS_RECIPE) user=null output_dir=runs/student_user_m0
 	for m in 4 1 0; do $(VENV)/bin/python -m training.fit_fusion --checkpoint runs/student_user_m$$m/ranker \
 		--output runs/student_user_m$${m}_fused/ranker || exit 1; done
-	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 --speed-requests 16 --output reports/ml100k_user_tokens.json \
+	$(VENV)/bin/mixllm eval ranker --protocols sampled-20 --batch-size 32 --speed-requests 16 --output reports/ml100k_user_tokens.json \
 		--checkpoint "m = 4 user tokens + SASRec=runs/student_user_m4_fused/ranker" \
 		"m = 1 user token + SASRec=runs/student_user_m1_fused/ranker" \
 		"no user tokens + SASRec=runs/student_user_m0_fused/ranker" --student "m = 4 user tokens + SASRec" \
