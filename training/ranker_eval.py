@@ -298,6 +298,13 @@ def paired_comparisons(rows: list[dict], runs: dict[str, dict[tuple[str, int | N
 NAMED_METRICS = (("sampled-20", "hr@1", "seed"), ("full", "ndcg@10", "depth"))
 
 
+def check_compared(pairs: list[tuple[str, str]], names: list[str]) -> None:
+    """Raises EvalError naming the first row of a ``--compare`` pair that is not one of ``names``."""
+    unknown = sorted({name for pair in pairs for name in pair} - set(names))
+    if unknown:
+        raise EvalError(f"--compare {unknown[0]!r}: not a row of this report; rows: {names}")
+
+
 def named_comparisons(runs: dict[str, dict[tuple[str, int | None], UserMetrics]], seeds: list[int], depths: list[int],
                       pairs: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """``--compare A B``: row A minus row B, paired per user, on every :data:`NAMED_METRICS` protocol both
@@ -305,11 +312,9 @@ def named_comparisons(runs: dict[str, dict[tuple[str, int | None], UserMetrics]]
     ``"A − B, <protocol>"``. Ablations use it: the arms of one recipe, scored in one run.
 
     Raises: EvalError naming the row when A or B is not a row of the report."""
+    check_compared(pairs, list(runs))
     out: dict[str, dict[str, Any]] = {}
     for a, b in pairs:
-        for name in (a, b):
-            if name not in runs:
-                raise EvalError(f"--compare {name!r}: not a row of this report; rows: {sorted(runs)}")
         for protocol, metric, per in NAMED_METRICS:
             variants = seeds if per == "seed" else depths
             if all((protocol, v) in runs[a] and (protocol, v) in runs[b] for v in variants):
@@ -522,9 +527,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise EvalError(f"two rows would be called the same ({names}); name them with --checkpoint NAME=PATH")
     pairs = [tuple(pair) for pair in getattr(args, "compare", None) or []]
-    unknown = sorted({name for pair in pairs for name in pair} - set(names))
-    if unknown:  # said before any scoring
-        raise EvalError(f"--compare {unknown[0]!r}: not a row of this report; rows: {names}")
+    check_compared(pairs, names)  # said before any scoring
 
     def score(ranker: Ranker, protocol: str, users: np.ndarray, seed: int, k: int, rerank: bool = False) -> UserMetrics:
         return UserMetrics(users, per_user_metrics(ranker, split, protocol, users, seed, args.cache_dir, retriever, k,
