@@ -506,6 +506,9 @@ def test_non_positive_limits_exit_2_naming_the_option(setup, tmp_path, capsys, o
 def test_bad_checkpoint_spec_and_device(setup, tmp_path, capsys):
     code = cli.main(_args(setup, checkpoints=["=nowhere"], output=tmp_path / "r.json"))
     assert code == 2 and "--checkpoint '=nowhere'" in _one_error_line(capsys)
+    # a row name may hold "=" (the Makefile's "m = 4 user tokens"): the path follows the last one
+    assert ranker_eval._parse_checkpoint("m = 4 tokens=runs/a") == ("m = 4 tokens", Path("runs/a"))
+    assert ranker_eval._parse_checkpoint("runs/a") == (None, Path("runs/a"))
     code = cli.main(_args(setup, output=tmp_path / "r.json")[:-2] + ["--device", "tpu"])
     assert code == 2 and "--device" in _one_error_line(capsys)
     assert isinstance(ranker_eval.EvalError("x"), MixLLMError)

@@ -421,7 +421,8 @@ def _sync(device: torch.device) -> None:
 
 # --- the command ---------------------------------------------------------------------------------
 def _parse_checkpoint(spec: str) -> tuple[str | None, Path]:
-    name, sep, path = spec.partition("=")
+    """``PATH`` or ``NAME=PATH``; the path is what follows the last "=", so a name may hold one ("m = 4")."""
+    name, sep, path = spec.rpartition("=")
     if not sep:
         return None, Path(spec)
     if not name or not path:
