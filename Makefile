@@ -151,9 +151,9 @@ rankers-distill: setup
 
 # User-history tokens, ablated on the CPU budget (issue 11): student_user.yaml's 9,430 lists, seed and
 # schedule with m = 4 user tokens (the recipe), m = 1, and none (only the 10 item tokens), all three trained
-# here in fp32 (bf16 is slow on a CPU without AMX; ~30 min each on the 2-core AMD EPYC), each fused likewise,
+# here in fp32 (bf16 is slow on a CPU without AMX; 21-27 min each on the 2-core AMD EPYC), each fused likewise,
 # and scored in one run, fused and alone, with the arms compared paired per user (--compare)
-# -> reports/ml100k_user_tokens.{json,md}. Sampled-20 only (~20 min).
+# -> reports/ml100k_user_tokens.{json,md}. Sampled-20 only (14 min). ~100 min in all (session 15).
 USERS_RECIPE = --config training/configs/student_user.yaml --set precision=32-true
 rankers-users: setup
 	$(VENV)/bin/mixllm train student $(USERS_RECIPE) output_dir=runs/student_user_m4
